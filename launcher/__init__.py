@@ -1,0 +1,1 @@
+"""exolaunch control plane: runs where the user types."""

@@ -1,0 +1,1 @@
+"""exolaunch data plane: runs on every rank."""
