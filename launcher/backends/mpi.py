@@ -1,0 +1,111 @@
+"""MPI backend: exolaunch runs mpirun, mpirun starts one agent per rank.
+
+Per-rank env and files travel inside the agent's --spec (base64 JSON in argv, never through a
+shell); mpirun only gets a hostfile, an MPMD app context per host (so each host keeps its own
+interpreter and working directory) and flags that OpenMPI 4 and 5 both accept. mlx.launch's
+`--output :raw` is exactly what OpenMPI 4 rejects, so it is not used.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import platform
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+from launcher.errors import ConfigError
+
+
+def configure(specs, hostfile, **_) -> None:
+    libname = mpi_libname()
+    for s in specs:
+        if libname:
+            s.env.setdefault("MLX_MPI_LIBNAME", libname)
+
+
+def find_mpirun() -> str:
+    path = shutil.which("mpirun")
+    if not path:
+        raise ConfigError(
+            "backend mpi: mpirun not found on PATH. Fix: install OpenMPI "
+            "(Debian: apt-get install openmpi-bin libopenmpi-dev; macOS: brew install open-mpi)."
+        )
+    return path
+
+
+def openmpi_major(mpirun: str) -> int:
+    try:
+        out = subprocess.run([mpirun, "--version"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 4
+    m = re.search(r"Open MPI\)?\s+(\d+)", out)
+    return int(m.group(1)) if m else 4
+
+
+def mpi_libname() -> str | None:
+    """The libmpi that mpirun uses, for mlx's dlopen (needed with Homebrew and pip MPI on macOS)."""
+    ompi_info = shutil.which("ompi_info")
+    if not ompi_info:
+        return None
+    tool = ["otool", "-L"] if platform.system() == "Darwin" else ["ldd"]
+    try:
+        out = subprocess.run([*tool, ompi_info], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    for line in out.splitlines():
+        if "libmpi" in line:
+            return Path(line.strip().split()[0]).name
+    return None
+
+
+def mpi_hostname(host) -> str:
+    return "localhost" if host.is_local else host.ssh
+
+
+def hostfile_text(launch) -> str:
+    lines, seen = [], {}
+    for s in launch.ranks:
+        seen[mpi_hostname(s.host)] = seen.get(mpi_hostname(s.host), 0) + 1
+    for name, n in seen.items():
+        lines.append(f"{name} slots={n}")
+    return "\n".join(lines) + "\n"
+
+
+def mpirun_command(launch, *, ssh_agent: list[str], workdir: Path, grace: float, heartbeat: float):
+    """(argv, extra env for mpirun itself)."""
+    mpirun = find_mpirun()
+    major = openmpi_major(mpirun)
+    hf_path = workdir / "mpi-hostfile"
+    hf_path.write_text(hostfile_text(launch))
+    argv = [mpirun, "--hostfile", str(hf_path), "--bind-to", "none"]
+    agent = " ".join(ssh_agent)
+    if major >= 5:
+        argv += ["--prtemca", "plm_ssh_agent", agent, "--map-by", ":OVERSUBSCRIBE"]
+    else:
+        argv += ["--mca", "plm_rsh_agent", agent, "--oversubscribe"]
+    contexts: dict[str, list] = {}
+    for s in launch.ranks:
+        contexts.setdefault(s.host.name, []).append(s)
+    first = True
+    for specs in contexts.values():
+        host = specs[0].host
+        spec = {
+            "grace": grace,
+            "heartbeat": heartbeat,
+            "cwd": host.cwd,
+            "ranks": {str(s.rank): {"argv": s.argv, "env": s.env, "files": s.files} for s in specs},
+        }
+        encoded = base64.b64encode(json.dumps(spec).encode()).decode()
+        if not first:
+            argv.append(":")
+        first = False
+        argv += ["-np", str(len(specs)), "--host", f"{mpi_hostname(host)}:{len(specs)}"]
+        argv += [specs[0].python, "-m", "launcher.agent", "--mpi", "--spec", encoded]
+    env = {}
+    if os.geteuid() == 0:  # OpenMPI refuses root without both of these (containers, CI)
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return argv, env

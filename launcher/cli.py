@@ -1,0 +1,155 @@
+"""exolaunch command line: one thin function per subcommand.
+
+User errors (ConfigError) print one line and exit 2; nothing reaches the user as a traceback
+(EXOLAUNCH_DEBUG=1 shows it for bug reports).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+from launcher import ssh
+from launcher.errors import ConfigError, LaunchError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Launch MLX distributed programs and models across hosts, mpirun-style.",
+)
+
+
+@dataclass
+class Globals:
+    hostfile: Optional[Path]
+    topology: Optional[Path]
+    verbose: bool
+
+
+@app.callback()
+def _globals(
+    ctx: typer.Context,
+    hostfile: Optional[Path] = typer.Option(
+        None, "--hostfile", envvar="EXOLAUNCH_HOSTFILE",
+        help="Hosts to run on: YAML, mlx.launch JSON or OpenMPI `host slots=N`. "
+             "Default: 2 ranks on this machine, no SSH."),
+    topology: Optional[Path] = typer.Option(
+        None, "--topology", envvar="EXOLAUNCH_TOPOLOGY",
+        help="YAML links between hosts (tb5/tb4/ethernet/wifi, RDMA devices, bandwidth, latency)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="More detail from exolaunch and mlx."),
+):
+    ctx.obj = Globals(hostfile, topology, verbose)
+
+
+def load_cluster(g: Globals):
+    from launcher.hostfile import load_hostfile
+    from launcher.topology import load_topology
+
+    hostfile = load_hostfile(g.hostfile)
+    topology = load_topology(g.topology) if g.topology else None
+    return hostfile, topology
+
+
+def collect_env(xs: list[str], env_files: list[Path]) -> dict[str, str]:
+    from launcher.envfile import load_env_file, parse_x
+
+    env: dict[str, str] = {}
+    for f in env_files:
+        env.update(load_env_file(f))
+    env.update(parse_x(xs))
+    return env
+
+
+@app.command(
+    "exec",
+    context_settings={"allow_interspersed_args": False},
+    help="Run COMMAND on every rank (an mx.distributed program), like mpirun. "
+         "Exit status: 0 if all ranks succeed, else the first failing rank's; "
+         "3 not ready, 4 unresponsive rank, 124 --timeout, 255 SSH failure (see README).",
+)
+def exec_(
+    ctx: typer.Context,
+    command: List[str] = typer.Argument(..., metavar="-- COMMAND [ARGS]...", show_default=False),
+    np: Optional[int] = typer.Option(None, "-n", "--np", help="Use the first N slots of the hostfile."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="ring | jaccl | jaccl-ring | mpi (default: the hostfile's, else ring)."),
+    env: List[str] = typer.Option([], "-x", "--env", help="Forward VAR, or set VAR=value, on every rank (repeatable)."),
+    env_file: List[Path] = typer.Option([], "--env-file", help="KEY=VALUE lines to set on every rank (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print each rank's host, argv, env and files; start nothing."),
+    tag_output: bool = typer.Option(True, "--tag-output/--no-tag-output", help="Prefix each line with [rank@host]."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Also write each rank's output to DIR/rank-N.log."),
+    timeout: Optional[float] = typer.Option(None, "--timeout", help="End the whole job after SECONDS (exit 124)."),
+    ready_timeout: Optional[float] = typer.Option(
+        None, "--ready-timeout",
+        help="Every rank must call launcher.rankapi.ready() within SECONDS (exit 3 naming the late ranks)."),
+    heartbeat_timeout: float = typer.Option(5.0, "--heartbeat-timeout", help="A rank silent or stopped this long is unresponsive (exit 4)."),
+    grace: float = typer.Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL at teardown."),
+    connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="SSH connect timeout, seconds."),
+    host_key_check: Optional[str] = typer.Option(
+        None, "--host-key-check", help="yes | accept-new | no (default: your ssh config; checking stays on)."),
+    port: Optional[int] = typer.Option(None, "--port", help="Starting data-plane port (overrides the hostfile)."),
+):
+    from launcher import supervisor
+    from launcher.backends import plan_launch
+
+    g: Globals = ctx.obj
+    if host_key_check is not None and host_key_check not in ssh.HOST_KEY_MODES:
+        raise ConfigError(f"--host-key-check {host_key_check!r}: expected one of {', '.join(ssh.HOST_KEY_MODES)}.")
+    for name, value in (("--timeout", timeout), ("--ready-timeout", ready_timeout),
+                        ("--heartbeat-timeout", heartbeat_timeout), ("--grace", grace),
+                        ("--connect-timeout", connect_timeout)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{name} {value:g}: expected a number of seconds greater than 0.")
+    hostfile, topology = load_cluster(g)
+    if port is not None:
+        if not 1 <= port <= 65535:
+            raise ConfigError(f"--port {port}: expected a port between 1 and 65535.")
+        hostfile = dataclasses.replace(hostfile, port=port)
+    launch = plan_launch(hostfile, list(command), backend=backend, topology=topology,
+                         env=collect_env(env, env_file), np=np, verbose=g.verbose)
+    sopts = ssh.SshOptions(connect_timeout=connect_timeout, host_key_check=host_key_check)
+    if dry_run:
+        from launcher.dryrun import describe
+
+        typer.echo(describe(launch, sopts))
+        return 0
+    opts = supervisor.Options(
+        tag_output=tag_output, log_dir=log_dir, timeout=timeout, ready_timeout=ready_timeout,
+        heartbeat_timeout=heartbeat_timeout, grace=grace, ssh=sopts,
+    )
+    return supervisor.run(launch, opts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        rv = app(args=argv, standalone_mode=False, prog_name="exolaunch")
+    except click.exceptions.Abort:
+        rv = 130
+    except click.ClickException as e:
+        e.show()
+        rv = e.exit_code
+    except click.exceptions.Exit as e:
+        rv = e.exit_code
+    except ConfigError as e:
+        print(f"exolaunch: error: {e}", file=sys.stderr)
+        rv = 2
+    except LaunchError as e:
+        print(f"exolaunch: {e}", file=sys.stderr)
+        rv = e.status
+    except KeyboardInterrupt:
+        rv = 130
+    except Exception as e:  # a bug in exolaunch: one line, the traceback only on request
+        if os.environ.get("EXOLAUNCH_DEBUG"):
+            traceback.print_exc()
+        print(f"exolaunch: internal error: {type(e).__name__}: {e} "
+              "(rerun with EXOLAUNCH_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
+        rv = 70
+    sys.exit(rv if isinstance(rv, int) else 0)
