@@ -90,6 +90,19 @@ def _status_of(wait_status: int) -> tuple[int, int | None]:
     return os.WEXITSTATUS(wait_status), None
 
 
+def _die_with_agent() -> None:
+    """In the child before exec (Linux): SIGKILL this process if the agent dies, even by
+    SIGKILL, so the rank can never outlive it. macOS has no equivalent; there the agent's
+    own cleanup paths cover every way it can end except being SIGKILLed itself."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
+
+
 def _write_files(files: dict[str, str]) -> tuple[str | None, dict[str, str]]:
     """Write backend files (e.g. MLX_HOSTFILE) to a private temp dir; env var -> path."""
     if not files:
@@ -142,6 +155,7 @@ class Agent:
                 stderr=subprocess.PIPE,
                 pass_fds=(ctl_w,),
                 start_new_session=True,  # own process group: we can kill the whole tree
+                preexec_fn=_die_with_agent if sys.platform == "linux" else None,
             )
         except FileNotFoundError:
             return self._failed_to_start(f"command not found: {argv[0]}", 127)

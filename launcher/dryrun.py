@@ -14,11 +14,10 @@ from launcher.backends import mpi as mpi_backend
 
 def describe(launch: LaunchSpec, sopts: ssh.SshOptions) -> str:
     hf = launch.hostfile
-    where = hf.path or "built-in local hostfile"
-    lines = [f"backend {launch.backend}, {launch.world_size} rank(s), hostfile {where}"]
+    lines = [f"backend {launch.backend}, {launch.world_size} rank(s) from {hf.label}"]
     sopts = ssh.SshOptions(
         connect_timeout=sopts.connect_timeout, host_key_check=sopts.host_key_check,
-        control_dir=Path("<job-dir>"), config=sopts.config or hf.ssh_config,
+        config=sopts.config or hf.ssh_config,
         options={**(hf.ssh_options or {}), **(sopts.options or {})},
     )
     if launch.backend == "mpi":
@@ -32,7 +31,8 @@ def describe(launch: LaunchSpec, sopts: ssh.SshOptions) -> str:
         lines.append(f"rank {s.rank} on {s.host.name} (local rank {s.local_rank}, "
                      f"{'local' if s.host.is_local else 'ssh ' + s.host.ssh})")
         if launch.backend != "mpi":
-            start = [s.python, "-m", "launcher.agent"] if s.host.is_local else ssh.agent_argv(sopts, s.host, s.python)
+            start = [s.python, "-m", "launcher.agent"] if s.host.is_local else ssh.agent_argv(
+                sopts, s.host, s.python, control_path=f"<job-dir>/c-{s.host.name}")
             lines.append("  start: " + shlex.join(start))
         lines.append("  argv:  " + shlex.join(s.argv))
         if s.cwd:

@@ -7,9 +7,9 @@ as JSON. The destination follows `--`, so a host value can never be read as an s
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
 from dataclasses import dataclass
-from pathlib import Path
 
 HOST_KEY_MODES = ("yes", "accept-new", "no")
 
@@ -18,7 +18,7 @@ HOST_KEY_MODES = ("yes", "accept-new", "no")
 class SshOptions:
     connect_timeout: float = 10.0
     host_key_check: str | None = None  # None: leave it to the user's ssh config (on by default)
-    control_dir: Path | None = None  # connection multiplexing for several ranks per host
+    control_path: str | None = None  # connection multiplexing for several ranks per host
     config: str | None = None
     options: dict | None = None
 
@@ -34,10 +34,10 @@ def base_argv(opts: SshOptions, port: int | None = None) -> list[str]:
         "-o", "ServerAliveInterval=5",
         "-o", "ServerAliveCountMax=3",
     ]
-    if opts.control_dir is not None:
+    if opts.control_path is not None:
         argv += [
             "-o", "ControlMaster=auto",
-            "-o", f"ControlPath={opts.control_dir}/%C",
+            "-o", f"ControlPath={opts.control_path}",
             # The master lives only as long as the job's sessions: no ssh left behind.
             "-o", "ControlPersist=no",
         ]
@@ -57,5 +57,7 @@ def remote_argv(opts: SshOptions, host, remote: list[str]) -> list[str]:
     return base_argv(opts, host.port) + ["-T", "--", host.ssh, "exec " + shlex.join(remote)]
 
 
-def agent_argv(opts: SshOptions, host, python: str) -> list[str]:
+def agent_argv(opts: SshOptions, host, python: str, control_path: str | None = None) -> list[str]:
+    if control_path is not None:
+        opts = dataclasses.replace(opts, control_path=control_path)
     return remote_argv(opts, host, [python, "-m", "launcher.agent"])

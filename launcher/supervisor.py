@@ -185,7 +185,6 @@ class Supervisor:
         return ssh.SshOptions(
             connect_timeout=o.connect_timeout,
             host_key_check=o.host_key_check,
-            control_dir=self.workdir,
             config=o.config or hf.ssh_config,
             options={**(hf.ssh_options or {}), **(o.options or {})},
         )
@@ -216,17 +215,43 @@ class Supervisor:
             for s in self.launch.ranks:
                 self.ranks[s.rank] = RankState(s, ch)
         else:
-            for s in self.launch.ranks:
-                if s.host.is_local:
-                    argv = [s.python, "-m", "launcher.agent"]
-                else:
-                    argv = ssh.agent_argv(sopts, s.host, s.python)
-                first = json.dumps(self._agent_spec(s)).encode() + b"\n"
-                ch = Channel(s.host.name, argv, [s.rank], self.q, framed=True, first_line=first)
-                self.channels.append(ch)
-                self.ranks[s.rank] = RankState(s, ch)
+            self._start_agents(sopts)
         if self.opts.forward_stdin:
             threading.Thread(target=self._forward_stdin, daemon=True).start()
+
+    def _start_agents(self, sopts: ssh.SshOptions) -> None:
+        """One channel per rank. Per remote host the first rank's ssh becomes the multiplexing
+        master; the host's other ranks start once its socket exists (starting them together
+        races for the socket and loses multiplexing)."""
+        hosts: dict[str, list[RankSpec]] = {}
+        for s in self.launch.ranks:
+            hosts.setdefault(s.host.name, []).append(s)
+        waiting = []
+        for i, specs in enumerate(hosts.values()):
+            if specs[0].host.is_local:
+                for s in specs:
+                    self._start_channel(s, [s.python, "-m", "launcher.agent"])
+                continue
+            control = str(self.workdir / f"c{i}")
+            self._start_channel(specs[0], ssh.agent_argv(sopts, specs[0].host, specs[0].python, control))
+            if len(specs) > 1:
+                waiting.append((control, specs[1:]))
+        deadline = time.monotonic() + sopts.connect_timeout
+        while waiting:
+            ready = [w for w in waiting if os.path.exists(w[0]) or time.monotonic() > deadline]
+            for control, specs in ready:
+                mux = control if os.path.exists(control) else None  # master failed: connect directly
+                for s in specs:
+                    self._start_channel(s, ssh.agent_argv(sopts, s.host, s.python, mux))
+                waiting.remove((control, specs))
+            if waiting:
+                time.sleep(0.02)
+
+    def _start_channel(self, s: RankSpec, argv: list[str]) -> None:
+        first = json.dumps(self._agent_spec(s)).encode() + b"\n"
+        ch = Channel(s.host.name, argv, [s.rank], self.q, framed=True, first_line=first)
+        self.channels.append(ch)
+        self.ranks[s.rank] = RankState(s, ch)
 
     def _forward_stdin(self) -> None:
         """Our stdin goes to rank 0 only, as with mpirun."""
@@ -356,6 +381,7 @@ class Supervisor:
             if now - st.last_hb > o.heartbeat_timeout:
                 self.teardown(EXIT_UNRESPONSIVE, f"{st.label} stopped responding: no heartbeat for "
                                                  f"{now - st.last_hb:.1f} s (host frozen or network down)")
+                self._kill_unresponsive(st)
                 return
         if o.ready_timeout is not None and not self.all_ready and now - t0 > o.ready_timeout:
             late = [s for s in self.ranks.values() if not s.ready]
@@ -363,6 +389,17 @@ class Supervisor:
             self.teardown(EXIT_NOT_READY, f"not ready within --ready-timeout {o.ready_timeout:g} s: {names}. "
                                           "A rank that never finishes distributed init usually means a peer "
                                           "cannot reach its data-plane address (check ips and ports)")
+
+    def _kill_unresponsive(self, st: RankState) -> None:
+        """An agent that sends no heartbeat will not act on SIGTERM either: cut it off now.
+        A remote agent kills its rank when it sees the channel close (once its host thaws)."""
+        if st.spec.host.is_local and st.pid:
+            try:
+                os.killpg(st.pid, signal.SIGKILL)  # the rank leads its own process group
+            except (ProcessLookupError, PermissionError):
+                pass
+        if st.channel.framed:
+            st.channel.kill()
 
     def teardown(self, status: int, message: str) -> None:
         if self.tearing_since is not None:

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass, field
 
 from launcher.errors import ConfigError
-from launcher.hostfile import Host, Hostfile, builtin_local
+from launcher.hostfile import Host, Hostfile
 from launcher.topology import Topology, check_backend
 
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")
@@ -114,7 +114,7 @@ def first_slots(hostfile: Hostfile, np: int) -> Hostfile:
     if np < 1:
         raise ConfigError(f"-n {np}: the number of ranks must be at least 1.")
     if hostfile.format == "builtin":
-        return builtin_local(np)
+        return dataclasses.replace(hostfile, hosts=[dataclasses.replace(hostfile.hosts[0], slots=np)])
     if np > hostfile.world_size:
         raise ConfigError(
             f"-n {np}: {hostfile.label} has only {hostfile.world_size} slots. "

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Installs what exolaunch and its tests need, from nothing; safe to run again.
+#   bash scripts/install.sh          # the package (pip)
+#   bash scripts/install.sh --dev    # plus OpenSSH server, OpenMPI, iproute2 (apt) and test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+dev=0; [ "${1:-}" = "--dev" ] && dev=1
+
+if [ "$dev" = 1 ] && command -v apt-get >/dev/null 2>&1; then
+  need=()
+  for pkg in openssh-server openssh-client openmpi-bin libopenmpi-dev iproute2 procps; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+  done
+  if [ "${#need[@]}" -gt 0 ]; then
+    SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+  fi
+fi
+
+PY="${PYTHON:-python3}"
+full=".[mpi]"; base="."
+[ "$dev" = 1 ] && { full=".[dev,mpi]"; base=".[dev]"; }
+# mpi4py compiles against OpenMPI when there is no wheel; without MPI, install the rest.
+if ! "$PY" -m pip install -q --disable-pip-version-check -e "$full"; then
+  echo "install.sh: installing without the mpi extra (no MPI compiler found)" >&2
+  "$PY" -m pip install -q --disable-pip-version-check -e "$base"
+fi
