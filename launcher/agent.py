@@ -90,10 +90,10 @@ def _status_of(wait_status: int) -> tuple[int, int | None]:
     return os.WEXITSTATUS(wait_status), None
 
 
-def _die_with_agent() -> None:
-    """In the child before exec (Linux): SIGKILL this process if the agent dies, even by
-    SIGKILL, so the rank can never outlive it. macOS has no equivalent; there the agent's
-    own cleanup paths cover every way it can end except being SIGKILLed itself."""
+def die_with_parent() -> None:
+    """In a child before exec (Linux): SIGKILL it when its parent dies, even by SIGKILL, so a
+    rank never outlives its agent (nor mpirun its supervisor). macOS has no equivalent;
+    there the stdin-EOF and EPIPE paths cover every ending but a SIGKILL of the parent."""
     import ctypes
 
     PR_SET_PDEATHSIG = 1
@@ -155,7 +155,7 @@ class Agent:
                 stderr=subprocess.PIPE,
                 pass_fds=(ctl_w,),
                 start_new_session=True,  # own process group: we can kill the whole tree
-                preexec_fn=_die_with_agent if sys.platform == "linux" else None,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
             )
         except FileNotFoundError:
             return self._failed_to_start(f"command not found: {argv[0]}", 127)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Callable
 
 from launcher import ssh
+from launcher.agent import die_with_parent
 from launcher.backends import LaunchSpec, RankSpec
 from launcher.backends import mpi as mpi_backend
 
@@ -89,6 +90,8 @@ class Channel:
             stderr=subprocess.PIPE,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # Ctrl-C reaches exolaunch only; we tear down in order
+            # mpirun does not notice its parent dying; ssh and agents do (stdin EOF).
+            preexec_fn=die_with_parent if (not framed and sys.platform == "linux") else None,
         )
         if first_line is not None:
             self.send(first_line)

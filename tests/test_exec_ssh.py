@@ -68,13 +68,14 @@ def test_signal_teardown_over_ssh(ssh_cluster, tmp_path, backend, sig, status):
     assert_no_leftovers(tok)
 
 
-def test_exolaunch_sigkill_over_ssh_leaves_no_rank(ssh_cluster, tmp_path):
-    hf = yaml_hostfile(tmp_path / "hosts.yaml", ssh_cluster, {"h1": 2, "h2": 1})
+@pytest.mark.parametrize("backend", ["ring", "mpi"])
+def test_exolaunch_sigkill_over_ssh_leaves_no_rank(ssh_cluster, tmp_path, backend):
+    hf = yaml_hostfile(tmp_path / "hosts.yaml", ssh_cluster, {"h1": 2, "h2": 1}, backend=backend)
     tok = token()
     p = start("--hostfile", str(hf), "exec", "--", "python", RANKPROG, "sleep", tok)
     wait_for_output(p, " up", count=3)
-    # SIGKILL the whole local side: exolaunch and its ssh clients. Remote agents see their
-    # channel close and take their ranks down.
+    # SIGKILL exolaunch, then its ssh clients (ring) / mpirun: remote agents see their channel
+    # close, or orted its mpirun die, and take the ranks down.
     local_side = psutil.Process(p.pid).children(recursive=True)
     p.kill()
     for c in local_side:
