@@ -97,10 +97,19 @@ def exec_(
         None, "--host-key-check", help="yes | accept-new | no (default: your ssh config; checking stays on)."),
     port: Optional[int] = typer.Option(None, "--port", help="Starting data-plane port (overrides the hostfile)."),
 ):
+    return launch(ctx.obj, list(command), np=np, backend=backend, env=env, env_file=env_file, dry_run=dry_run,
+                  tag_output=tag_output, log_dir=log_dir, timeout=timeout, ready_timeout=ready_timeout,
+                  heartbeat_timeout=heartbeat_timeout, grace=grace, connect_timeout=connect_timeout,
+                  host_key_check=host_key_check, data_port=port)
+
+
+def launch(g: Globals, command: list[str], *, np, backend, env, env_file, dry_run, tag_output, log_dir, timeout,
+           ready_timeout, heartbeat_timeout, grace, connect_timeout, host_key_check, data_port,
+           extra_env: Optional[dict] = None, on_ready_message=None) -> int:
+    """What exec and run share: validate flags, plan the ranks, dry-run or supervise."""
     from launcher import supervisor
     from launcher.backends import plan_launch
 
-    g: Globals = ctx.obj
     if host_key_check is not None and host_key_check not in ssh.HOST_KEY_MODES:
         raise ConfigError(f"--host-key-check {host_key_check!r}: expected one of {', '.join(ssh.HOST_KEY_MODES)}.")
     for name, value in (("--timeout", timeout), ("--ready-timeout", ready_timeout),
@@ -109,23 +118,86 @@ def exec_(
         if value is not None and value <= 0:
             raise ConfigError(f"{name} {value:g}: expected a number of seconds greater than 0.")
     hostfile, topology = load_cluster(g)
-    if port is not None:
-        if not 1 <= port <= 65535:
-            raise ConfigError(f"--port {port}: expected a port between 1 and 65535.")
-        hostfile = dataclasses.replace(hostfile, port=port)
-    launch = plan_launch(hostfile, list(command), backend=backend, topology=topology,
-                         env=collect_env(env, env_file), np=np, verbose=g.verbose)
+    if data_port is not None:
+        if not 2 <= data_port <= 65535:
+            raise ConfigError(f"--port {data_port}: expected a port between 2 and 65535.")
+        hostfile = dataclasses.replace(hostfile, port=data_port)
+    env_vars = collect_env(env, env_file)
+    spec = plan_launch(hostfile, command, backend=backend, topology=topology,
+                       env={**env_vars, **(extra_env(hostfile) if extra_env else {})}, np=np, verbose=g.verbose)
     sopts = ssh.SshOptions(connect_timeout=connect_timeout, host_key_check=host_key_check)
     if dry_run:
         from launcher.dryrun import describe
 
-        typer.echo(describe(launch, sopts))
+        typer.echo(describe(spec, sopts))
         return 0
     opts = supervisor.Options(
         tag_output=tag_output, log_dir=log_dir, timeout=timeout, ready_timeout=ready_timeout,
         heartbeat_timeout=heartbeat_timeout, grace=grace, ssh=sopts,
+        on_all_ready=(lambda: print(on_ready_message(spec), file=sys.stderr, flush=True)) if on_ready_message else None,
     )
-    return supervisor.run(launch, opts)
+    return supervisor.run(spec, opts)
+
+
+@app.command(
+    "run",
+    help="Serve MODEL from the cluster: load it sharded across the ranks, API on rank 0 "
+         "(OpenAI-compatible at /v1). MODEL: a demo model (demo-llama, demo-qwen3, demo-kimi), "
+         "a local mlx-lm directory or a Hugging Face repo id. Ctrl-C stops every rank.",
+)
+def run_(
+    ctx: typer.Context,
+    model: str = typer.Argument("demo-llama", help="What to serve (default: the built-in demo model)."),
+    sharding: str = typer.Option("tensor", "--sharding", help="tensor (default) or pipeline."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address rank 0's API binds to."),
+    port: int = typer.Option(52415, "--port", help="API port on rank 0."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXOLAUNCH_API_KEY",
+                                          help="Require `Authorization: Bearer KEY` (all but /health)."),
+    np: Optional[int] = typer.Option(None, "-n", "--np", help="Use the first N slots of the hostfile."),
+    backend: Optional[str] = typer.Option(None, "--backend", help="ring | jaccl | jaccl-ring | mpi."),
+    env: List[str] = typer.Option([], "-x", "--env", help="Forward VAR, or set VAR=value, on every rank."),
+    env_file: List[Path] = typer.Option([], "--env-file", help="KEY=VALUE lines to set on every rank."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would start where; start nothing."),
+    tag_output: bool = typer.Option(True, "--tag-output/--no-tag-output", help="Prefix each line with [rank@host]."),
+    log_dir: Optional[Path] = typer.Option(None, "--log-dir", help="Also write each rank's output to DIR/rank-N.log."),
+    ready_timeout: float = typer.Option(900.0, "--ready-timeout", help="Seconds for every rank to load (exit 3)."),
+    heartbeat_timeout: float = typer.Option(5.0, "--heartbeat-timeout", help="Unresponsive rank after SECONDS (exit 4)."),
+    grace: float = typer.Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL at teardown."),
+    connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="SSH connect timeout, seconds."),
+    host_key_check: Optional[str] = typer.Option(None, "--host-key-check", help="yes | accept-new | no."),
+    data_port: Optional[int] = typer.Option(None, "--data-port", help="First data-plane port (overrides the hostfile)."),
+):
+    if sharding not in ("tensor", "pipeline"):
+        raise ConfigError(f"--sharding {sharding!r}: expected tensor or pipeline.")
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port {port}: expected a port between 1 and 65535.")
+    command = ["python", "-m", "runtime", "serve", "--model", model, "--sharding", sharding,
+               "--host", host, "--port", str(port)]
+
+    def rank_env(hostfile) -> dict:
+        # The control channel listens on rank 0's first data-plane address, just below the
+        # data-plane ports. The API key travels in the environment, not on a command line.
+        first = hostfile.hosts[0]
+        env = {"EXOLAUNCH_CONTROL": f"{first.ips[0] if first.ips else '127.0.0.1'}:{hostfile.port - 1}"}
+        if api_key:
+            env["EXOLAUNCH_API_KEY"] = api_key
+        return env
+
+    def ready_message(spec) -> str:
+        rank0 = spec.ranks[0].host
+        shown = host
+        if host in ("0.0.0.0", "::"):
+            shown = rank0.ips[0] if rank0.ips else "127.0.0.1"
+        msg = f"exolaunch: serving {model} on {spec.world_size} rank(s): http://{shown}:{port}/v1"
+        if not rank0.is_local and host.startswith("127."):
+            msg += f" (on {rank0.name}; pass --host 0.0.0.0 to reach it from elsewhere)"
+        return msg
+
+    return launch(ctx.obj, command, np=np, backend=backend, env=env, env_file=env_file, dry_run=dry_run,
+                  tag_output=tag_output, log_dir=log_dir, timeout=None, ready_timeout=ready_timeout,
+                  heartbeat_timeout=heartbeat_timeout, grace=grace, connect_timeout=connect_timeout,
+                  host_key_check=host_key_check, data_port=data_port, extra_env=rank_env,
+                  on_ready_message=ready_message)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import tempfile
 from pathlib import Path
@@ -10,6 +11,9 @@ from pathlib import Path
 from launcher import ssh
 from launcher.backends import LaunchSpec
 from launcher.backends import mpi as mpi_backend
+
+
+SECRET = re.compile(r"KEY|TOKEN|SECRET|PASSWORD", re.I)  # never print these values
 
 
 def describe(launch: LaunchSpec, sopts: ssh.SshOptions) -> str:
@@ -38,7 +42,8 @@ def describe(launch: LaunchSpec, sopts: ssh.SshOptions) -> str:
         if s.cwd:
             lines.append(f"  cwd:   {s.cwd}")
         for k in sorted(s.env):
-            lines.append(f"  env:   {k}={shlex.quote(s.env[k])}")
+            value = "<hidden>" if SECRET.search(k) else shlex.quote(s.env[k])
+            lines.append(f"  env:   {k}={value}")
         for k, content in sorted(s.files.items()):
             lines.append(f"  file:  {k} -> {json.dumps(json.loads(content))}")
     return "\n".join(lines)

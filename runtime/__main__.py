@@ -1,0 +1,121 @@
+"""Rank entrypoint, started by `exolaunch run` on every rank:
+
+    python -m runtime serve --model MODEL [--sharding tensor|pipeline] [--host H] [--port P]
+
+Every rank joins the mx.distributed group and loads its shard; rank 0 also opens the control
+channel, serves the HTTP API and leads the engine; the others follow it. Set by the launcher:
+EXOLAUNCH_CONTROL (rank 0's ip:port for the control channel), EXOLAUNCH_API_KEY (optional).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+from launcher.rankapi import ready
+
+CONTROL_TIMEOUT = 600.0  # ranks that load slower than rank 0 still join
+
+
+def say(rank: int, msg: str) -> None:
+    if rank == 0:  # every rank reports when it has loaded; the steps before, rank 0 alone
+        print(f"[load] {msg}", flush=True)
+
+
+def parse(argv):
+    ap = argparse.ArgumentParser(prog="python -m runtime")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve", help="load a model across the ranks and serve it from rank 0")
+    s.add_argument("--model", default="demo-llama")
+    s.add_argument("--sharding", default="tensor", choices=["tensor", "pipeline"])
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=52415)
+    s.add_argument("--prefill-step", type=int, default=256)
+    s.add_argument("--max-batch", type=int, default=32)
+    s.add_argument("--max-context", type=int, default=None)
+    return ap.parse_args(argv)
+
+
+def serve(args) -> int:
+    from runtime import control
+    from runtime.engine import Engine
+    from runtime.group import init_group
+    from runtime.loader import ModelError, context_length, load, resolve
+
+    t0 = time.monotonic()
+    group = init_group()
+    rank, world = group.rank(), group.size()
+    try:
+        say(rank, f"resolving {args.model}")
+        path, model_id = resolve(args.model)
+        say(rank, f"loading {model_id} from {path} ({args.sharding} parallel over {world} ranks)")
+        model, tokenizer, config = load(path, group, args.sharding, model_id)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    print(f"[load] loaded rank {rank}/{world} in {time.monotonic() - t0:.1f} s", flush=True)
+    ctx = args.max_context or context_length(config)
+    engine_kw = dict(model_id=model_id, model_path=path, group=group, context_length=ctx,
+                     prefill_step=args.prefill_step, max_batch=args.max_batch)
+    ctl_host, _, ctl_port = os.environ.get("EXOLAUNCH_CONTROL", "127.0.0.1:52599").rpartition(":")
+
+    if rank != 0:
+        follower = control.Follower(ctl_host, int(ctl_port), rank, CONTROL_TIMEOUT)
+        engine = Engine(model, tokenizer, **engine_kw)
+        ready()
+        try:
+            engine.run_follower(follower.recv)
+        except ConnectionError:
+            return 0 if engine.steps == 0 else 1  # rank 0 went away; the launcher says why
+        except Exception as e:
+            follower.report_error(f"rank {rank}: {type(e).__name__}: {e}")
+            raise
+        return 0
+
+    from runtime.api.server import start
+
+    leader = control.Leader(ctl_host, int(ctl_port), world) if world > 1 else None
+    engine = Engine(model, tokenizer, control=leader, **engine_kw)
+    server = start(engine, args.host, args.port, api_key=os.environ.get("EXOLAUNCH_API_KEY") or None)
+    if leader is not None:
+        leader.on_peer_lost = lambda r, msg: engine.fail(
+            msg.get("error") or f"rank {r} stopped: its process ended or its host is unreachable")
+        leader.accept_all(CONTROL_TIMEOUT)
+    loop = threading.Thread(target=engine.run_leader, name="exolaunch-engine", daemon=True)
+    engine._thread = loop
+    loop.start()
+    ready()
+    print(f"serving {model_id} at http://{args.host}:{args.port}/v1 ({world} ranks, context {ctx})", flush=True)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    while loop.is_alive() and not stop.is_set():
+        loop.join(0.2)
+    failed = engine.failed
+    engine.shutdown(timeout=3.0)  # a loop stuck in a collective with a dead peer stays stuck
+    server.stop()
+    if leader is not None:
+        leader.close()
+    if failed or loop.is_alive():
+        print(f"error: {failed or 'the engine did not stop'}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # the engine thread may be inside mlx; don't finalize under it
+    return 0
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = parse(argv)
+    if args.cmd == "serve":
+        return serve(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

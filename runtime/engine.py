@@ -1,0 +1,320 @@
+"""Lock-step continuous batching across ranks.
+
+Every rank holds an identical mlx-lm BatchGenerator. Rank 0 (the leader) decides each step:
+which requests join (with their sampling parameters and seeds), which leave (cancelled, or
+stopped by a stop string that only rank 0 sees as text), whether to step at all, and when to
+shut down. It sends that decision over the control channel; every rank applies it the same
+way and runs the same batched forward, whose collectives are the only mx.distributed traffic.
+Identical logits plus per-request samplers with identical keys give identical tokens on every
+rank, so the ranks never need to exchange sampled tokens. No follower ever decides alone.
+
+When nothing is running the leader blocks on a condition variable and followers block in
+recv(): an idle cluster does not spin. Prefill is chunked (prefill_step tokens per step) and
+interleaved with decode steps, so a long prompt does not freeze running streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.sample_utils import apply_top_k, apply_top_p
+
+from runtime.requests import (
+    FinishEvent, GenerationRequest, RequestHandle, SamplingParams, TokenEvent,
+)
+
+log = logging.getLogger("exolaunch.engine")
+
+
+class PromptTooLong(ValueError):
+    pass
+
+
+class EngineFailed(RuntimeError):
+    pass
+
+
+def _greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
+def make_sampler(temperature: float, top_p: float, top_k: int, seed: int):
+    """A per-request sampler with its own PRNG key: the same seed gives the same tokens on
+    every rank and in every batch composition. Greedy requests share one function so the
+    generator can sample them in one batched call."""
+    if temperature <= 0:
+        return _greedy
+    state = [mx.random.key(seed)]
+    inv_t = 1.0 / temperature
+
+    def sample(logprobs: mx.array) -> mx.array:
+        if top_k > 0:
+            logprobs = apply_top_k(logprobs, top_k)
+        if 0 < top_p < 1:
+            logprobs = apply_top_p(logprobs, top_p)
+        state[0], sub = mx.random.split(state[0])
+        return mx.random.categorical(logprobs * inv_t, key=sub)
+
+    return sample
+
+
+@dataclass
+class _Live:
+    """Rank 0's view of one running request."""
+
+    handle: RequestHandle
+    uid: int
+    detok: object
+    stops: list[str]
+    completion: int = 0
+    emitted: int = 0  # characters of detokenized text already sent
+    finished: bool = False
+    text: str = field(default="")
+
+
+class Engine:
+    def __init__(self, model, tokenizer, *, model_id: str, model_path: Path, group, control=None,
+                 context_length: int = 4096, prefill_step: int = 256, max_batch: int = 32):
+        self.model, self.tokenizer = model, tokenizer
+        self.model_id, self.model_path = model_id, Path(model_path)
+        self.group, self.control = group, control
+        self.rank = group.rank()
+        self.context_length = context_length
+        self.created = int(time.time())
+        self.gen = BatchGenerator(model, prefill_step_size=prefill_step, completion_batch_size=max_batch,
+                                  prefill_batch_size=min(8, max_batch))
+        eos = list(getattr(tokenizer, "eos_token_ids", None) or [])
+        self._stop_eos = StopSequences([[t] for t in eos]) if eos else StopSequences(None)
+        self._stop_none = StopSequences(None)
+        self.ready = False
+        self.failed: str | None = None
+        self._cv = threading.Condition()
+        self._pending: list[RequestHandle] = []
+        self._live: dict[int, _Live] = {}
+        self._stopping = False
+        self._new_handles: list[RequestHandle] = []
+        self._thread: threading.Thread | None = None
+        self.steps = 0
+
+    # -- rank 0: API side (any thread) ---------------------------------------------------
+    def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        if self.failed:
+            raise EngineFailed(self.failed)
+        p = req.params
+        n = len(req.prompt_tokens)
+        if n == 0:
+            raise ValueError("the prompt is empty")
+        if n + p.max_tokens > self.context_length:
+            raise PromptTooLong(f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} "
+                                f"exceeds the model's context of {self.context_length} tokens")
+        handle = RequestHandle(req, loop)
+        with self._cv:
+            if self._stopping:
+                raise EngineFailed("the server is shutting down")
+            self._pending.append(handle)
+            self._cv.notify()
+        return handle
+
+    def active_requests(self) -> int:
+        with self._cv:
+            return len(self._pending) + sum(1 for lv in self._live.values() if not lv.finished)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        # An engine thread still inside mlx when the interpreter finalizes aborts the process.
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout)
+
+    def fail(self, reason: str) -> None:
+        """The cluster can no longer serve: every open request gets an error now."""
+        with self._cv:
+            if self.failed:
+                return
+            self.failed = reason
+            handles = [lv.handle for lv in self._live.values() if not lv.finished] + self._pending
+            counts = {id(lv.handle): lv.completion for lv in self._live.values()}
+            self._pending = []
+            self._stopping = True
+            self._cv.notify()
+        for h in handles:
+            if not h.done:
+                h.push(FinishEvent("error", len(h.request.prompt_tokens), counts.get(id(h), 0), error=reason))
+
+    # -- the step decision ---------------------------------------------------------------
+    def _decide(self) -> dict | None:
+        """Rank 0: wait for work, then return this step's decision (None = shut down)."""
+        with self._cv:
+            while not (self._pending or self._stopping or any(not lv.finished for lv in self._live.values())):
+                self._cv.wait()
+            new, self._pending = self._pending, []
+            stopping = self._stopping
+        removes = []
+        for uid, lv in list(self._live.items()):
+            if lv.finished:
+                removes.append(uid)
+                del self._live[uid]
+            elif lv.handle.cancelled.is_set():
+                self._finish(lv, "cancelled")
+                removes.append(uid)
+                del self._live[uid]
+        inserts = []
+        for h in new:
+            if h.cancelled.is_set():
+                h.push(FinishEvent("cancelled", len(h.request.prompt_tokens), 0))
+                continue
+            p = h.request.params
+            seed = p.seed if p.seed is not None else random.getrandbits(31)
+            inserts.append({"tokens": h.request.prompt_tokens, "max": p.max_tokens, "t": p.temperature,
+                            "p": p.top_p, "k": p.top_k, "seed": seed, "eos": not p.ignore_eos})
+            self._new_handles.append(h)
+        step = not stopping and (bool(inserts) or bool(self._live))
+        return {"ins": inserts, "rm": removes, "step": step, "stop": stopping}
+
+    def _apply(self, d: dict) -> list[int]:
+        """Every rank: the same inserts and removals, in the same order."""
+        if d["rm"]:
+            self.gen.remove(d["rm"])
+        uids = []
+        if d["ins"]:
+            uids = self.gen.insert(
+                [i["tokens"] for i in d["ins"]],
+                max_tokens=[i["max"] for i in d["ins"]],
+                samplers=[make_sampler(i["t"], i["p"], i["k"], i["seed"]) for i in d["ins"]],
+                stop_sequences=[self._stop_eos if i["eos"] else self._stop_none for i in d["ins"]],
+            )
+        return uids
+
+    # -- loops -------------------------------------------------------------------------
+    def run_leader(self) -> None:
+        self.ready = True
+        try:
+            while True:
+                self._new_handles: list[RequestHandle] = []
+                d = self._decide()
+                if self.control is not None:
+                    self.control.broadcast(d)
+                uids = self._apply(d)
+                for uid, h in zip(uids, self._new_handles):
+                    self._live[uid] = _Live(h, uid, self.tokenizer.detokenizer, list(h.request.params.stop))
+                if d["stop"]:
+                    self.fail("the server is shutting down")  # anything still open gets an error
+                    break
+                if d["step"]:
+                    _, responses = self.gen.next()
+                    self.steps += 1
+                    self._dispatch(responses)
+        except Exception as e:  # a lost peer surfaces here as an mlx or socket error
+            log.exception("engine step failed")
+            self.fail(self.failed or f"engine failure on rank 0: {type(e).__name__}: {e}")
+            raise
+        finally:
+            self.ready = False
+
+    def run_follower(self, recv) -> None:
+        self.ready = True
+        while True:
+            d = recv()
+            self._apply(d)
+            if d["stop"]:
+                return
+            if d["step"]:
+                self.gen.next()
+                self.steps += 1
+
+    # -- rank 0: turning tokens into events -------------------------------------------
+    def _dispatch(self, responses) -> None:
+        for r in responses:
+            lv = self._live.get(r.uid)
+            if lv is None or lv.finished:
+                continue  # stopped by text or cancelled; its removal is in the next decision
+            lv.completion += 1
+            p = lv.handle.request.params
+            logprob = top = None
+            if p.logprobs:
+                logprob, top = self._logprobs(r.logprobs, r.token, p.top_logprobs)
+            eos_stop = r.finish_reason == "stop"
+            if not eos_stop:
+                lv.detok.add_token(r.token)
+            text = lv.detok.text
+            stop_hit, cut = self._find_stop(lv, text)
+            if stop_hit is not None:
+                lv.handle.push(TokenEvent(r.token, text[lv.emitted:cut], logprob, top))
+                lv.emitted = cut
+                self._finish(lv, "stop", stop_string=stop_hit)
+                continue
+            safe = self._safe_end(lv, text)
+            lv.handle.push(TokenEvent(r.token, text[lv.emitted:safe], logprob, top))
+            lv.emitted = max(lv.emitted, safe)
+            if r.finish_reason is not None:
+                lv.detok.finalize()
+                self._finish(lv, r.finish_reason, tail=lv.detok.text[lv.emitted:])
+
+    def _finish(self, lv: _Live, reason: str, tail: str = "", stop_string: str | None = None) -> None:
+        lv.finished = True
+        lv.handle.push(FinishEvent(reason, len(lv.handle.request.prompt_tokens), lv.completion,
+                                   text=tail, stop_string=stop_string))
+
+    @staticmethod
+    def _find_stop(lv: _Live, text: str) -> tuple[str | None, int]:
+        """Earliest stop string in the text not yet emitted (it may span token boundaries)."""
+        if not lv.stops:
+            return None, 0
+        longest = max(len(s) for s in lv.stops)
+        start = max(0, lv.emitted - longest + 1)
+        best = None
+        for s in lv.stops:
+            i = text.find(s, start)
+            if i != -1 and (best is None or i < best[1]):
+                best = (s, i)
+        return best if best else (None, 0)
+
+    @staticmethod
+    def _safe_end(lv: _Live, text: str) -> int:
+        """How far text can be emitted: hold back a tail that could still begin a stop string."""
+        end = len(text)
+        for s in lv.stops:
+            for k in range(min(len(s) - 1, end), 0, -1):
+                if text.endswith(s[:k]):
+                    end = min(end, len(text) - k)
+                    break
+        return max(end, lv.emitted)
+
+    @staticmethod
+    def _logprobs(logprobs: mx.array, token: int, k: int):
+        lp = logprobs.astype(mx.float32)
+        chosen = lp[token].item()
+        if k <= 0:
+            return chosen, []
+        idx = mx.argpartition(-lp, kth=k - 1)[:k]
+        vals = lp[idx]
+        order = mx.argsort(-vals)
+        return chosen, list(zip(idx[order].tolist(), vals[order].tolist()))
+
+    # -- in-process use ------------------------------------------------------------------
+    @classmethod
+    def start_local(cls, model_path, model_id: str | None = None, **kw) -> "Engine":
+        """A one-rank engine in this process, looping in a background thread."""
+        from mlx_lm.utils import load as mlx_load
+
+        from runtime.loader import context_length, read_config
+
+        model_path = Path(model_path)
+        model, tokenizer = mlx_load(str(model_path))
+        group = mx.distributed.init(strict=False)
+        eng = cls(model, tokenizer, model_id=model_id or model_path.name, model_path=model_path, group=group,
+                  context_length=kw.pop("context_length", None) or context_length(read_config(model_path)), **kw)
+        t = threading.Thread(target=eng.run_leader, name="exolaunch-engine", daemon=True)
+        t.start()
+        eng._thread = t
+        return eng

@@ -1,0 +1,115 @@
+"""The one internal request type and event stream that every API dialect maps onto.
+
+A dialect adapter turns its wire request into a GenerationRequest, submits it to the engine
+(rank 0) and turns the RequestHandle's events into its wire format. No adapter reaches into
+the engine beyond `Engine.submit`, `Engine.tokenizer` and the handle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Literal
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None: rank 0 draws one (ranks must agree on every draw)
+    stop: list[str] = field(default_factory=list)  # stop strings; the text is excluded
+    logprobs: bool = False
+    top_logprobs: int = 0  # alternatives per token when logprobs is on
+    ignore_eos: bool = False  # benchmarks: always generate max_tokens
+
+
+@dataclass
+class GenerationRequest:
+    prompt_tokens: list[int]
+    params: SamplingParams
+    id: str = ""
+
+
+@dataclass
+class TokenEvent:
+    """One generated token. `text` is the new text it completes (may be '' while a multi-byte
+    character or a possible stop string is still pending)."""
+
+    token: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class FinishEvent:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    text: str = ""  # any text held back until the end (flushed detokenizer tail)
+    stop_string: str | None = None  # the stop string that ended generation, if any
+    error: str | None = None
+
+
+Event = TokenEvent | FinishEvent
+
+_ids = itertools.count()
+
+
+class RequestHandle:
+    """Engine -> one request's consumer. The engine thread calls `push`; an asyncio consumer
+    iterates `events()`; `cancel()` asks rank 0 to drop the request at the next step."""
+
+    def __init__(self, request: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None):
+        self.request = request
+        self.id = request.id or f"req-{next(_ids)}"
+        self.cancelled = threading.Event()
+        self._loop = loop
+        self._aq: asyncio.Queue | None = asyncio.Queue() if loop else None
+        self._sync: list[Event] = []
+        self._cond = threading.Condition()
+        self.done = False
+
+    def push(self, ev: Event) -> None:
+        if isinstance(ev, FinishEvent):
+            self.done = True
+        if self._aq is not None and self._loop is not None:
+            try:
+                self._loop.call_soon_threadsafe(self._aq.put_nowait, ev)
+            except RuntimeError:  # the loop has closed: nobody is listening any more
+                pass
+        else:
+            with self._cond:
+                self._sync.append(ev)
+                self._cond.notify_all()
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    async def events(self) -> AsyncIterator[Event]:
+        assert self._aq is not None, "submit with a loop to consume asynchronously"
+        while True:
+            ev = await self._aq.get()
+            yield ev
+            if isinstance(ev, FinishEvent):
+                return
+
+    def iter_sync(self, timeout: float | None = None):
+        """Blocking iteration for in-process use (benchmarks, tests)."""
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self._sync):
+                    if not self._cond.wait(timeout):
+                        raise TimeoutError(f"request {self.id}: no event within {timeout} s")
+                ev = self._sync[i]
+            i += 1
+            yield ev
+            if isinstance(ev, FinishEvent):
+                return
