@@ -38,6 +38,13 @@ def parse(argv):
     s.add_argument("--prefill-step", type=int, default=256)
     s.add_argument("--max-batch", type=int, default=32)
     s.add_argument("--max-context", type=int, default=None)
+    b = sub.add_parser("bench", parents=[], help="drive the engine in-process from rank 0 (no HTTP)")
+    for a in ("--model", "--sharding", "--prefill-step", "--max-batch", "--max-context"):
+        b._add_action(next(x for x in s._actions if a in x.option_strings))
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--streams", type=int, default=1)
+    b.add_argument("--repeats", type=int, default=3)
     return ap.parse_args(argv)
 
 
@@ -77,6 +84,21 @@ def serve(args) -> int:
             raise
         return 0
 
+    if args.cmd == "bench":
+        leader = control.Leader(ctl_host, int(ctl_port), world) if world > 1 else None
+        engine = Engine(model, tokenizer, control=leader, **engine_kw)
+        if leader is not None:
+            leader.accept_all(CONTROL_TIMEOUT)
+        loop = threading.Thread(target=engine.run_leader, name="exolaunch-engine", daemon=True)
+        engine._thread = loop
+        loop.start()
+        ready()
+        from runtime.bench import run_inprocess
+
+        run_inprocess(engine, args)
+        engine.shutdown()
+        return 0
+
     from runtime.api.server import start
 
     leader = control.Leader(ctl_host, int(ctl_port), world) if world > 1 else None
@@ -112,9 +134,13 @@ def serve(args) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse(argv)
-    if args.cmd == "serve":
-        return serve(args)
-    return 2
+    code = serve(args)
+    # Skip interpreter finalization: with a ring group whose collectives ran on the engine
+    # thread, mlx's thread-local teardown aborts the process ("terminate called without an
+    # active exception") after all work is done. Everything worth keeping is flushed here.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -142,6 +142,10 @@ class Engine:
             if self.failed:
                 return
             self.failed = reason
+        self._close_open(reason)
+
+    def _close_open(self, reason: str) -> None:
+        with self._cv:
             handles = [lv.handle for lv in self._live.values() if not lv.finished] + self._pending
             counts = {id(lv.handle): lv.completion for lv in self._live.values()}
             self._pending = []
@@ -206,9 +210,9 @@ class Engine:
                     self.control.broadcast(d)
                 uids = self._apply(d)
                 for uid, h in zip(uids, self._new_handles):
-                    self._live[uid] = _Live(h, uid, self.tokenizer.detokenizer, list(h.request.params.stop))
+                    self._live[uid] = _Live(h, uid, self._detokenizer(), list(h.request.params.stop))
                 if d["stop"]:
-                    self.fail("the server is shutting down")  # anything still open gets an error
+                    self._close_open("the server is shutting down")
                     break
                 if d["step"]:
                     _, responses = self.gen.next()
@@ -233,6 +237,14 @@ class Engine:
                 self.steps += 1
 
     # -- rank 0: turning tokens into events -------------------------------------------
+    def _detokenizer(self):
+        detok = self.tokenizer.detokenizer
+        # mlx-lm's BPE detokenizer drops the first token's leading space, which glues a
+        # completion to its prompt and disagrees with the token's bytes; keep the text as is.
+        if hasattr(detok, "_maybe_trim_space"):
+            detok._maybe_trim_space = lambda text: text
+        return detok
+
     def _dispatch(self, responses) -> None:
         for r in responses:
             lv = self._live.get(r.uid)

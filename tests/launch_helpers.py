@@ -79,3 +79,87 @@ def yaml_hostfile(path: Path, cluster, slots: dict[str, int], backend: str | Non
         lines.append(extra_host)
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServingCluster:
+    """`exolaunch [--hostfile H] run MODEL` in the background, until it prints its URL.
+
+    On exit: Ctrl-C (SIGINT), then check the exit status and that no rank is left."""
+
+    def __init__(self, model: str, *args: str, hostfile=None, cache=None, ready_timeout: float = 180):
+        self.port = free_port()
+        self.tok = token()
+        g = ["--hostfile", str(hostfile)] if hostfile else []
+        env = env_for_tests(EXOLAUNCH_CACHE=str(cache)) if cache else env_for_tests()
+        # The token rides along as an env var on every rank, so leftover ranks can be found.
+        self.proc = subprocess.Popen(
+            exolaunch_argv(*g, "run", model, "--port", str(self.port), "--data-port", str(free_port() + 1),
+                           "-x", "EXOLAUNCH_CACHE", "-x", f"EXOLAUNCH_TEST_TOKEN={self.tok}", *args),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
+        self.base_url = f"http://127.0.0.1:{self.port}/v1"
+        self.err: list[str] = []
+        self._wait_ready(ready_timeout)
+
+    def _wait_ready(self, timeout: float) -> None:
+        import threading
+
+        ready = threading.Event()
+
+        def pump_err():
+            for line in self.proc.stderr:
+                self.err.append(line)
+                if "exolaunch: serving" in line:
+                    ready.set()
+
+        def pump_out():
+            for line in self.proc.stdout:
+                self.err.append(line)
+
+        threading.Thread(target=pump_err, daemon=True).start()
+        threading.Thread(target=pump_out, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not ready.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise AssertionError(f"cluster did not become ready (exit {self.proc.poll()}):\n{''.join(self.err)}")
+
+    def rank_pids(self) -> list[int]:
+        import psutil
+
+        pids = []
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            try:
+                cmd = " ".join(p.info["cmdline"] or [])
+                if "runtime serve" in cmd and "launcher.agent" not in cmd and \
+                        p.environ().get("EXOLAUNCH_TEST_TOKEN") == self.tok:
+                    pids.append(p.info["pid"])
+            except (psutil.Error, OSError):
+                continue
+        return pids
+
+    def stop(self, expect: int | None = 130) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)
+        code = self.proc.wait(timeout=60)
+        deadline = time.monotonic() + 15
+        while self.rank_pids() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not self.rank_pids(), "rank processes left behind"
+        if expect is not None:
+            assert code == expect, f"exit {code}:\n{''.join(self.err)}"
+        return code
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.stop(expect=None)

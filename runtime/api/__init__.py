@@ -1,0 +1,30 @@
+"""Rank 0's HTTP API: one app, one thin adapter module per dialect.
+
+    app.py          create_app(engine, api_key=...): health, readiness, auth, error handlers
+    openai.py       OpenAI chat completions, completions, models
+    generation.py   the serving context every dialect uses (model names, tokenization thread,
+                    submit n requests, merged events, cancel on disconnect / failure)
+    prompt.py       chat template rendering, completion prompts, token bytes for logprobs
+    sse.py          SSE framing and a response that cancels its work when the client leaves
+    auth.py         bearer / x-api-key check (everything but /health)
+    errors.py       APIError and the handlers (OpenAI error objects; per-prefix formats)
+    server.py       uvicorn: serve() blocking, start_server() in a background thread
+
+Decisions where the OpenAI spec is silent or this server differs:
+- Readiness is GET/HEAD /ready (not /v1/ready); it needs the API key like every route but
+  /health.
+- Model names: the served id, "default", an empty/absent model, or any name whose last path
+  component equals the id's or the model directory's (so "mlx-community/X", "X" and
+  "/models/X" all mean X), or the id without its ":tag" ("demo-llama" serves "demo-llama:100m").
+  Anything else is 404 model_not_found.
+- Without max_tokens a request may generate up to the rest of the context window.
+- n choices are n engine requests; with a seed, choice i uses seed+i (mod 2**63).
+- top_p == 0 means greedy. presence/frequency penalties and other unknown fields are ignored.
+- A stream that fails after it started sends `data: {"error": {...}}` and ends without [DONE].
+- A client that disconnects (streaming or not) cancels its engine requests.
+"""
+
+from .app import create_app
+from .server import DEFAULT_HOST, DEFAULT_PORT, APIServer, serve, start_server
+
+__all__ = ["create_app", "serve", "start_server", "APIServer", "DEFAULT_HOST", "DEFAULT_PORT"]

@@ -1,0 +1,424 @@
+"""OpenAI dialect: /v1/chat/completions, /v1/completions, /v1/models.
+
+Wire request -> token ids (chat template / tokenizer) + SamplingParams -> `Serving.submit`
+(one engine request per choice) -> events -> OpenAI JSON or SSE chunks.
+
+Parameters: model, messages / prompt, max_tokens, max_completion_tokens (chat; wins over
+max_tokens), temperature (0..2, default 1; 0 = greedy), top_p (0..1; 0 = greedy), top_k
+(extension), ignore_eos (extension), seed (choice i gets seed+i), stop (string or list of up to 16), n (1..16), stream,
+stream_options.include_usage, logprobs + top_logprobs (chat: bool + 0..20), logprobs (completions:
+int 0..20), echo (completions, without logprobs). Without max_tokens a request may use the rest
+of the context. Unknown fields are accepted and ignored (presence/frequency penalties, user,
+logit_bias, ...); tools and response_format come with the tool-calling work.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import APIRouter, Request
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..requests import FinishEvent, SamplingParams, TokenEvent
+from .errors import APIError, bad_request, internal
+from .generation import Collected, Generation, Serving, cancel_on_disconnect, new_id
+from .prompt import check_token_ids, encode_text, normalize_messages, render_chat
+from .sse import DONE, EventStreamResponse, sse_data
+
+log = logging.getLogger("exolaunch.api")
+
+router = APIRouter()
+
+MAX_STOP = 16
+SEED_MOD = 1 << 63
+
+
+# ------------------------------------------------------------------------------------------------
+# Request bodies: unknown fields allowed, known ones strictly typed and range-checked.
+# ------------------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class StreamOptions(_Body):
+    include_usage: bool | None = False
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[dict[str, Any] | str] | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+
+class _Common(_Body):
+    model: str | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    n: int | None = Field(None, ge=1, le=16)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
+    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
+    user: str | None = None
+    ignore_eos: bool | None = False  # extension (vLLM's): always generate max_tokens
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=20)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = Field(None, ge=1, le=16)
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared pieces
+# ------------------------------------------------------------------------------------------------
+
+
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+def _stops(stop: str | list[str] | None) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > MAX_STOP:
+        raise bad_request(f"stop: at most {MAX_STOP} stop sequences", "stop")
+    return [s for s in stops if s]
+
+
+def _params(body: _Common, max_tokens: int | None, prompt_len: int, context_length: int,
+            logprobs: bool, top_logprobs: int) -> list[SamplingParams]:
+    n = body.n or 1
+    temperature = 1.0 if body.temperature is None else float(body.temperature)
+    top_p = 1.0 if body.top_p is None else float(body.top_p)
+    if top_p == 0.0:  # only the most likely token survives: greedy
+        temperature, top_p = 0.0, 1.0
+    if max_tokens is None:  # OpenAI: up to the rest of the context (>= 1 so the engine says
+        max_tokens = max(1, context_length - prompt_len)  # "too long" with the numbers)
+    stops = _stops(body.stop)
+    out = []
+    for i in range(n):
+        out.append(SamplingParams(
+            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=body.top_k or 0,
+            seed=None if body.seed is None else (body.seed + i) % SEED_MOD,
+            stop=list(stops), logprobs=logprobs, top_logprobs=top_logprobs if logprobs else 0,
+            ignore_eos=bool(body.ignore_eos),
+        ))
+    return out
+
+
+def _finish_reason(ev: FinishEvent | None) -> str:
+    if ev is None or ev.reason not in ("stop", "length"):
+        return "stop"
+    return ev.reason
+
+
+def _lp(x: float | None) -> float | None:
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else -9999.0
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class _Usage:
+    """Prompt tokens count once per prompt (not per choice); completion tokens per choice."""
+
+    def __init__(self, prompt_lens: list[int], n: int):
+        self.prompt = list(prompt_lens)
+        self.n = n
+        self.completion = 0
+
+    def add(self, index: int, fin: FinishEvent) -> None:
+        self.completion += fin.completion_tokens
+        if index % self.n == 0 and fin.prompt_tokens:
+            self.prompt[index // self.n] = fin.prompt_tokens
+
+    def body(self) -> dict[str, int]:
+        return _usage(sum(self.prompt), self.completion)
+
+
+def _error_chunk(err: APIError) -> bytes:
+    return sse_data(err.body())
+
+
+async def _stream_guard(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Mid-stream failures become an error event, then the stream ends (no [DONE])."""
+    try:
+        async for chunk in gen:
+            yield chunk
+    except APIError as e:
+        yield _error_chunk(e)
+    except Exception:
+        log.exception("stream failed")
+        yield _error_chunk(internal())
+    finally:
+        await gen.aclose()
+
+
+async def _respond(request: Request, gen: Generation, body: _Common,
+                   stream_fn, collect_fn):
+    if body.stream:
+        return EventStreamResponse(_stream_guard(stream_fn()), on_close=gen.cancel)
+
+    async def work():
+        return collect_fn(await gen.collect())
+
+    try:
+        return await cancel_on_disconnect(request, work())
+    finally:
+        gen.cancel()
+
+
+# ------------------------------------------------------------------------------------------------
+# Chat completions
+# ------------------------------------------------------------------------------------------------
+
+
+def _chat_logprob(serving: Serving, ev: TokenEvent, k: int) -> dict[str, Any]:
+    tt = serving.token_text
+    return {
+        "token": tt.text(ev.token), "logprob": _lp(ev.logprob), "bytes": list(tt.bytes(ev.token)),
+        "top_logprobs": [
+            {"token": tt.text(t), "logprob": _lp(lp), "bytes": list(tt.bytes(t))}
+            for t, lp in (ev.top_logprobs or [])[:k]
+        ],
+    }
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request, body: ChatCompletionRequest):
+    serving = _serving(request)
+    model = serving.resolve_model(body.model)
+    serving.check_serving()
+    if body.top_logprobs and not body.logprobs:
+        raise bad_request("top_logprobs: requires logprobs to be true", "top_logprobs")
+    messages = normalize_messages([m.model_dump() for m in body.messages])
+    tokens = await serving.run_sync(render_chat, serving.tokenizer, messages)
+    want_lp = bool(body.logprobs)
+    k = body.top_logprobs or 0
+    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
+        else body.max_tokens
+    params = _params(body, max_tokens, len(tokens), serving.engine.context_length, want_lp, k)
+    rid = new_id("chatcmpl")
+    gen = await serving.submit([(tokens, p) for p in params], rid, prompt_param="messages")
+    created = int(time.time())
+    n = len(params)
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
+                               "model": model, "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            obj["usage"] = usage
+        return sse_data(obj)
+
+    def piece(i: int, delta: dict, lp: dict | None = None, finish: str | None = None) -> dict:
+        return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
+
+    async def stream() -> AsyncIterator[bytes]:
+        usage = _Usage([len(tokens)], n)
+        for i in range(n):
+            yield chunk([piece(i, {"role": "assistant", "content": ""})])
+        async for i, ev in gen.events():
+            if isinstance(ev, TokenEvent):
+                lp = {"content": [_chat_logprob(serving, ev, k)]} if want_lp else None
+                if ev.text or lp:
+                    yield chunk([piece(i, {"content": ev.text}, lp)])
+            else:
+                usage.add(i, ev)
+                if ev.text:
+                    yield chunk([piece(i, {"content": ev.text})])
+                yield chunk([piece(i, {}, None, _finish_reason(ev))])
+        if include_usage:
+            yield chunk([], usage.body())
+        yield DONE
+
+    def collect(results: list[Collected]) -> dict:
+        usage = _Usage([len(tokens)], n)
+        choices = []
+        for i, c in enumerate(results):
+            if c.finish is not None:
+                usage.add(i, c.finish)
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": {"content": [_chat_logprob(serving, t, k) for t in c.tokens],
+                             "refusal": None} if want_lp else None,
+                "finish_reason": _finish_reason(c.finish),
+            })
+        return {"id": rid, "object": "chat.completion", "created": created, "model": model,
+                "system_fingerprint": None, "choices": choices, "usage": usage.body()}
+
+    return await _respond(request, gen, body, stream, collect)
+
+
+# ------------------------------------------------------------------------------------------------
+# Completions (legacy)
+# ------------------------------------------------------------------------------------------------
+
+
+def _prompts(serving: Serving, prompt: Any) -> list[tuple[list[int], str | None]]:
+    """Each prompt as token ids, with its text when given as text (for echo)."""
+    tok = serving.tokenizer
+    if isinstance(prompt, str):
+        return [(encode_text(tok, prompt), prompt)]
+    if not prompt:
+        raise bad_request("prompt: must not be empty", "prompt")
+    if all(isinstance(p, str) for p in prompt):
+        return [(encode_text(tok, p, param=f"prompt[{i}]"), p) for i, p in enumerate(prompt)]
+    if all(isinstance(p, int) for p in prompt):
+        return [(check_token_ids(tok, list(prompt)), None)]
+    return [(check_token_ids(tok, list(p), param=f"prompt[{i}]"), None)
+            for i, p in enumerate(prompt)]
+
+
+class _CompletionLogprobs:
+    """Legacy logprobs object {tokens, token_logprobs, top_logprobs, text_offset}."""
+
+    def __init__(self, serving: Serving, k: int):
+        self.tt = serving.token_text
+        self.k = k
+
+    def entry(self, evs: list[TokenEvent], offsets: list[int]) -> dict[str, Any]:
+        return {
+            "tokens": [self.tt.text(e.token) for e in evs],
+            "token_logprobs": [_lp(e.logprob) for e in evs],
+            "top_logprobs": [{self.tt.text(t): _lp(lp) for t, lp in (e.top_logprobs or [])[:self.k]}
+                             for e in evs],
+            "text_offset": offsets,
+        }
+
+
+@router.post("/v1/completions")
+async def completions(request: Request, body: CompletionRequest):
+    serving = _serving(request)
+    model = serving.resolve_model(body.model)
+    serving.check_serving()
+    if body.suffix:
+        raise bad_request("suffix: not supported", "suffix")
+    if body.best_of is not None and body.best_of != (body.n or 1):
+        raise bad_request("best_of: only best_of == n is supported", "best_of")
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
+    prompts = await serving.run_sync(_prompts, serving, body.prompt)
+    want_lp = body.logprobs is not None
+    k = body.logprobs or 0
+    n = body.n or 1
+    jobs = []
+    for tokens, _ in prompts:
+        for p in _params(body, body.max_tokens, len(tokens), serving.engine.context_length,
+                         want_lp, k):
+            jobs.append((tokens, p))
+    if body.echo:
+        echoes = [text if text is not None else
+                  await serving.run_sync(serving.tokenizer.decode, tokens)
+                  for tokens, text in prompts]
+    else:
+        echoes = ["" for _ in prompts]
+    rid = new_id("cmpl")
+    gen = await serving.submit(jobs, rid, prompt_param="prompt")
+    created = int(time.time())
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    lps = _CompletionLogprobs(serving, k)
+    prompt_lens = [len(t) for t, _ in prompts]
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        obj: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
+                               "model": model, "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            obj["usage"] = usage
+        return sse_data(obj)
+
+    def piece(i: int, text: str, lp: dict | None = None, finish: str | None = None) -> dict:
+        return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
+
+    async def stream() -> AsyncIterator[bytes]:
+        usage = _Usage(prompt_lens, n)
+        offsets = [len(echoes[i // n]) for i in range(len(jobs))]
+        if body.echo:
+            for i in range(len(jobs)):
+                if echoes[i // n]:
+                    yield chunk([piece(i, echoes[i // n])])
+        async for i, ev in gen.events():
+            if isinstance(ev, TokenEvent):
+                lp = lps.entry([ev], [offsets[i]]) if want_lp else None
+                offsets[i] += len(ev.text)
+                if ev.text or lp:
+                    yield chunk([piece(i, ev.text, lp)])
+            else:
+                usage.add(i, ev)
+                if ev.text:
+                    yield chunk([piece(i, ev.text)])
+                yield chunk([piece(i, "", None, _finish_reason(ev))])
+        if include_usage:
+            yield chunk([], usage.body())
+        yield DONE
+
+    def collect(results: list[Collected]) -> dict:
+        usage = _Usage(prompt_lens, n)
+        choices = []
+        for i, c in enumerate(results):
+            if c.finish is not None:
+                usage.add(i, c.finish)
+            lp = None
+            if want_lp:
+                offsets, off = [], len(echoes[i // n])
+                for t in c.tokens:
+                    offsets.append(off)
+                    off += len(t.text)
+                lp = lps.entry(c.tokens, offsets)
+            choices.append({"index": i, "text": echoes[i // n] + c.text, "logprobs": lp,
+                            "finish_reason": _finish_reason(c.finish)})
+        return {"id": rid, "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": None, "choices": choices, "usage": usage.body()}
+
+    return await _respond(request, gen, body, stream, collect)
+
+
+# ------------------------------------------------------------------------------------------------
+# Models
+# ------------------------------------------------------------------------------------------------
+
+
+def _model_card(serving: Serving) -> dict[str, Any]:
+    return {"id": serving.model_id, "object": "model",
+            "created": int(getattr(serving.engine, "created", 0) or 0), "owned_by": "exolaunch"}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request):
+    serving = _serving(request)
+    return {"object": "list", "data": [_model_card(serving)]}
+
+
+@router.get("/v1/models/{model_id:path}")
+async def get_model(request: Request, model_id: str):
+    serving = _serving(request)
+    serving.resolve_model(model_id, param="model")
+    return _model_card(serving)

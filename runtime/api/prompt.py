@@ -1,0 +1,151 @@
+"""Prompt building shared by every dialect: chat template rendering, completion prompts, and
+the text / bytes of single tokens (for logprobs).
+
+Chat messages are plain dicts `{"role", "content", ...}` (extra keys such as `tool_calls`,
+`tool_call_id`, `name` are kept for the template). `content` may be a string, None, or a list
+of parts; text parts are concatenated (no separator: OpenAI's semantics, and what the demo
+models' template does) so templates that only understand strings still work. Any non-text part
+is a 400. The role "developer" (newer OpenAI clients) is given to the template as "system".
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Iterable
+
+from .errors import bad_request
+
+_ROLE_ALIASES = {"developer": "system"}
+
+
+def flatten_content(content: Any, where: str) -> str | None:
+    if content is None or isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        out: list[str] = []
+        for i, part in enumerate(content):
+            if isinstance(part, str):
+                out.append(part)
+                continue
+            if not isinstance(part, dict):
+                raise bad_request(f"{where}[{i}]: expected a content part object", f"{where}[{i}]")
+            kind = part.get("type")
+            if kind in ("text", "input_text", "output_text") and isinstance(part.get("text"), str):
+                out.append(part["text"])
+            else:
+                raise bad_request(
+                    f"{where}[{i}]: content part type {kind!r} is not supported "
+                    "(this server serves a text-only model: use text parts)", f"{where}[{i}]")
+        return "".join(out)
+    raise bad_request(f"{where}: expected a string or a list of content parts", where)
+
+
+def normalize_messages(messages: Iterable[dict[str, Any]], param: str = "messages") -> list[dict]:
+    out = []
+    for i, m in enumerate(messages):
+        m = dict(m)
+        role = m.get("role")
+        if not isinstance(role, str) or not role:
+            raise bad_request(f"{param}[{i}].role: required", f"{param}[{i}].role")
+        m["role"] = _ROLE_ALIASES.get(role, role)
+        if "content" in m:
+            m["content"] = flatten_content(m["content"], f"{param}[{i}].content")
+        out.append({k: v for k, v in m.items() if v is not None or k == "content"})
+    return out
+
+
+def _as_ids(out: Any) -> list[int]:
+    if isinstance(out, dict) or hasattr(out, "keys"):
+        out = out["input_ids"]
+    if out and isinstance(out[0], list):  # batched
+        out = out[0]
+    return [int(t) for t in out]
+
+
+def render_chat(tokenizer, messages: list[dict], *, param: str = "messages",
+                **template_kwargs: Any) -> list[int]:
+    """Token ids of `messages` through the model's chat template, with the generation prompt.
+
+    Without a chat template: "role: content" lines then "assistant:" (so a base model still
+    answers). A template that raises (e.g. "roles must alternate") is a 400 naming the reason.
+    """
+    if not messages:
+        raise bad_request(f"{param}: at least one message is required", param)
+    if not getattr(tokenizer, "has_chat_template", getattr(tokenizer, "chat_template", None)):
+        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+        return encode_text(tokenizer, text + "assistant:", param=param)
+    try:
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                            **template_kwargs)
+    except Exception as e:  # jinja TemplateError, TemplateSyntaxError, ValueError, KeyError ...
+        raise bad_request(f"{param}: the chat template rejected these messages: {e}", param)
+    return _as_ids(out)
+
+
+def encode_text(tokenizer, text: str, *, param: str = "prompt") -> list[int]:
+    ids = [int(t) for t in tokenizer.encode(text)]
+    if not ids:
+        bos = getattr(tokenizer, "bos_token_id", None)
+        if bos is None:
+            raise bad_request(f"{param}: the prompt is empty", param)
+        ids = [int(bos)]
+    return ids
+
+
+def check_token_ids(tokenizer, ids: list[int], *, param: str = "prompt") -> list[int]:
+    if not ids:
+        raise bad_request(f"{param}: the prompt is empty", param)
+    n = len(getattr(tokenizer, "_tokenizer", tokenizer))
+    bad = [t for t in ids if not 0 <= t < n]
+    if bad:
+        raise bad_request(f"{param}: token id {bad[0]} is out of range (vocabulary: {n})", param)
+    return ids
+
+
+_SPM_BYTE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+class TokenText:
+    """Bytes and display text of single token ids, cached (logprobs entries)."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        detok = getattr(tokenizer, "_detokenizer", None)
+        self.byte_level = type(detok).__name__ == "BPEStreamingDetokenizer"
+        self.spm = type(detok).__name__ == "SPMStreamingDetokenizer"
+        try:
+            self.added = set(tokenizer.get_added_vocab().keys())
+        except Exception:
+            self.added = set()
+        self.bytes = functools.lru_cache(maxsize=1 << 16)(self._bytes)
+
+    def _bytes(self, token_id: int) -> bytes:
+        try:
+            piece = self.tok.convert_ids_to_tokens(int(token_id))
+        except Exception:
+            piece = None
+        if isinstance(piece, str):
+            if piece in self.added:
+                return piece.encode()
+            if self.byte_level:
+                from mlx_lm.tokenizer_utils import _byte_decoder
+
+                table = _byte_decoder()
+                if all(c in table for c in piece):
+                    return bytes(table[c] for c in piece)
+            m = _SPM_BYTE.match(piece)
+            if m:
+                return bytes([int(m.group(1), 16)])
+            if self.spm:
+                return piece.replace("\u2581", " ").encode()
+        return self.tok.decode([int(token_id)]).encode()
+
+    def text(self, token_id: int) -> str:
+        """The token's text; a token that is not valid UTF-8 on its own is shown as
+        `bytes:\\xNN...` (OpenAI's convention); `bytes` carries the exact bytes."""
+        b = self.bytes(token_id)
+        try:
+            return b.decode("utf-8")
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{x:02x}" for x in b)

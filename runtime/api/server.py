@@ -1,0 +1,204 @@
+"""Run the API with uvicorn: blocking, as a coroutine, or in a background thread.
+
+    serve(engine, host, port, api_key)           blocks until SIGINT/SIGTERM (or .stop()),
+                                                 shuts down gracefully, then returns
+    server = start_server(engine, host, port, api_key)   a daemon thread with its own event
+    server.port, server.url; server.stop()               loop; returns once it accepts
+    await APIServer(engine, ...).serve_async()    inside an event loop you already run
+
+The listening socket is bound before uvicorn starts, so a port in use raises OSError in the
+caller (uvicorn itself would sys.exit), and port 0 picks a free port (`server.port`).
+
+Graceful shutdown: stop accepting, let running requests finish for up to `graceful_timeout`
+seconds, then cancel them (which cancels their engine requests). When serve() runs in the main
+thread it owns SIGINT/SIGTERM for that time: the first one starts the graceful shutdown, a
+second SIGINT skips the wait. serve() returns normally afterwards (the signal is not re-raised,
+unlike plain uvicorn) so the caller can shut the engine down; `APIServer.signal` tells which
+signal ended it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import threading
+from typing import Any, Iterator
+
+import uvicorn
+
+from .app import create_app
+
+log = logging.getLogger("exolaunch.api")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 52415  # exo's
+
+
+class _UvicornServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, handle_signals: bool):
+        super().__init__(config)
+        self._handle_signals = handle_signals
+        self.signal: int | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if not self._handle_signals or threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handler(sig: int, frame: Any) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                self.force_exit = True
+            self.signal = sig
+            self.should_exit = True
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    err: OSError | None = None
+    for family, socktype, proto, _, addr in infos:
+        sock = socket.socket(family, socktype, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(addr)
+            sock.listen(2048)
+            sock.setblocking(False)
+            sock.set_inheritable(True)
+            return sock
+        except OSError as e:
+            sock.close()
+            err = e
+    raise OSError(f"cannot listen on {host}:{port}: {err}") from err
+
+
+class APIServer:
+    def __init__(self, engine: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 api_key: str | None = None, *, app: Any = None, log_level: str = "warning",
+                 access_log: bool = False, graceful_timeout: float = 5.0,
+                 handle_signals: bool = True):
+        self.engine = engine
+        self.host = host
+        self.port = port
+        self.app = app if app is not None else create_app(engine, api_key=api_key)
+        self.config = uvicorn.Config(
+            self.app, host=host, port=port, log_level=log_level, access_log=access_log,
+            log_config=None, lifespan="off", ws="none",
+            timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=30,
+        )
+        self._server = _UvicornServer(self.config, handle_signals)
+        self._sock: socket.socket | None = None
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    # --- info --------------------------------------------------------------------------------
+    @property
+    def url(self) -> str:
+        host = self.host
+        if host in ("0.0.0.0", ""):
+            host = "127.0.0.1"
+        elif host == "::":
+            host = "::1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
+
+    @property
+    def started(self) -> bool:
+        return bool(self._server.started)
+
+    @property
+    def signal(self) -> int | None:
+        return self._server.signal
+
+    # --- running -----------------------------------------------------------------------------
+    def bind(self) -> None:
+        if self._sock is None:
+            self._sock = _bind(self.host, self.port)
+            self.port = self._sock.getsockname()[1]
+
+    async def serve_async(self) -> None:
+        self.bind()
+        assert self._sock is not None
+        log.info("API listening on %s (model %s)", self.url, getattr(self.engine, "model_id", "?"))
+        try:
+            await self._server.serve(sockets=[self._sock])
+        finally:
+            self._close()
+
+    def run(self) -> None:
+        """Serve in this thread until stopped or signalled."""
+        asyncio.run(self.serve_async())
+
+    def start(self, timeout: float = 30.0) -> "APIServer":
+        """Serve in a daemon thread; return once the server accepts connections."""
+        if self._thread is not None:
+            raise RuntimeError("server already started")
+        self.bind()
+
+        def target() -> None:
+            try:
+                asyncio.run(self.serve_async())
+            except BaseException as e:  # SystemExit from uvicorn included
+                self._error = e
+                log.exception("API server stopped with an error")
+
+        self._thread = threading.Thread(target=target, name="exolaunch-api", daemon=True)
+        self._thread.start()
+        waited = 0.0
+        while not self._server.started:
+            if not self._thread.is_alive():
+                raise RuntimeError(f"API server failed to start: {self._error!r}")
+            if waited >= timeout:
+                self.stop()
+                raise TimeoutError(f"API server did not start within {timeout} s")
+            self._thread.join(0.02)
+            waited += 0.02
+        return self
+
+    def stop(self, timeout: float | None = 15.0) -> None:
+        """Graceful shutdown; returns when the server thread has ended (background mode)."""
+        self._server.should_exit = True
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def _close(self) -> None:
+        serving = getattr(getattr(self.app, "state", None), "serving", None)
+        if serving is not None:
+            serving.close()
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                self._sock.close()
+
+    def __enter__(self) -> "APIServer":
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve(engine: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+          api_key: str | None = None, **kwargs: Any) -> None:
+    """Serve the API in the calling thread until SIGINT/SIGTERM; graceful shutdown; return."""
+    APIServer(engine, host, port, api_key, **kwargs).run()
+
+
+def start_server(engine: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+                 api_key: str | None = None, **kwargs: Any) -> APIServer:
+    """Serve the API in a background thread (the engine keeps its own); returns when up."""
+    return APIServer(engine, host, port, api_key, **kwargs).start()
+
+
+start = start_server  # the name runtime/__main__.py uses
