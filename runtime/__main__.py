@@ -101,6 +101,10 @@ def serve(args) -> int:
 
     from runtime.api.server import start
 
+    # The engine thread and the API thread share rank 0's GIL. At the default 5 ms switch
+    # interval a waiting engine thread can lose milliseconds per token to the API thread,
+    # and every other rank waits in its all-reduce meanwhile.
+    sys.setswitchinterval(float(os.environ.get("EXOLAUNCH_SWITCH_INTERVAL", "0.0005")))
     leader = control.Leader(ctl_host, int(ctl_port), world) if world > 1 else None
     engine = Engine(model, tokenizer, control=leader, **engine_kw)
     server = start(engine, args.host, args.port, api_key=os.environ.get("EXOLAUNCH_API_KEY") or None)

@@ -46,8 +46,8 @@ def inprocess(a) -> dict:
     return json.loads(line[6:])
 
 
-def http_stream(base: str, model: str, prompt_tokens: int, gen: int) -> dict:
-    body = {"model": model, "prompt": "The quick brown fox jumps over the lazy dog. " * (prompt_tokens // 10 + 1),
+def http_stream(base: str, model: str, prompt: list[int], gen: int) -> dict:
+    body = {"model": model, "prompt": prompt,  # the very token ids the in-process run used
             "max_tokens": gen, "temperature": 0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
@@ -89,15 +89,21 @@ def main() -> int:
     a = ap.parse_args()
     os.environ.setdefault("EXOLAUNCH_CACHE", str(Path.home() / ".cache" / "exolaunch"))
 
+    from mlx_lm.utils import load_tokenizer
+
+    from runtime.bench import exact_prompt
+    from runtime.loader import resolve
+
     ip = inprocess(a)
+    prompt = exact_prompt(load_tokenizer(resolve(a.model)[0]), a.prompt_tokens)
     extra = ["-n", str(a.n), "--backend", a.backend]
     with ServingCluster(a.model, *extra, hostfile=a.hostfile, cache=os.environ["EXOLAUNCH_CACHE"],
                         ready_timeout=900) as c:
         pids = c.rank_pids()
         time.sleep(1.0)
         idle = idle_cpu(pids)
-        http_stream(c.base_url, a.model, a.prompt_tokens, 8)  # warm-up
-        runs = [http_stream(c.base_url, a.model, a.prompt_tokens, a.gen_tokens) for _ in range(a.repeats)]
+        http_stream(c.base_url, a.model, prompt, 8)  # warm-up
+        runs = [http_stream(c.base_url, a.model, prompt, a.gen_tokens) for _ in range(a.repeats)]
         c.stop()
     http = {k: statistics.median(r[k] for r in runs) for k in ("ttft", "decode_tok_s")}
     print(f"model {a.model}, {a.n} ranks, backend {a.backend}, prompt {a.prompt_tokens} tok, "
