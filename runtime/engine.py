@@ -27,8 +27,9 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
+from runtime import constrain
 from runtime.requests import (
-    FinishEvent, GenerationRequest, RequestHandle, SamplingParams, TokenEvent,
+    FinishEvent, GenerationRequest, RequestHandle, TokenEvent,
 )
 
 log = logging.getLogger("exolaunch.engine")
@@ -115,6 +116,9 @@ class Engine:
         if n + p.max_tokens > self.context_length:
             raise PromptTooLong(f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} "
                                 f"exceeds the model's context of {self.context_length} tokens")
+        if p.grammar is not None:
+            # Refuse here what a rank could not compile in _apply (that would stop the engine).
+            constrain.validate(p.grammar, self.tokenizer)  # UnsupportedGrammar (a ValueError)
         handle = RequestHandle(req, loop)
         with self._cv:
             if self._stopping:
@@ -180,7 +184,8 @@ class Engine:
             p = h.request.params
             seed = p.seed if p.seed is not None else random.getrandbits(31)
             inserts.append({"tokens": h.request.prompt_tokens, "max": p.max_tokens, "t": p.temperature,
-                            "p": p.top_p, "k": p.top_k, "seed": seed, "eos": not p.ignore_eos})
+                            "p": p.top_p, "k": p.top_k, "seed": seed, "eos": not p.ignore_eos,
+                            "g": p.grammar})
             self._new_handles.append(h)
         step = not stopping and (bool(inserts) or bool(self._live))
         return {"ins": inserts, "rm": removes, "step": step, "stop": stopping}
@@ -196,6 +201,8 @@ class Engine:
                 max_tokens=[i["max"] for i in d["ins"]],
                 samplers=[make_sampler(i["t"], i["p"], i["k"], i["seed"]) for i in d["ins"]],
                 stop_sequences=[self._stop_eos if i["eos"] else self._stop_none for i in d["ins"]],
+                logits_processors=[[constrain.logits_processor(i["g"], self.tokenizer)] if i.get("g") else []
+                                   for i in d["ins"]],
             )
         return uids
 

@@ -27,6 +27,10 @@ class SamplingParams:
     logprobs: bool = False
     top_logprobs: int = 0  # alternatives per token when logprobs is on
     ignore_eos: bool = False  # benchmarks: always generate max_tokens
+    # Constrained decoding: a grammar every rank compiles identically and applies as a logits
+    # mask, e.g. {"type": "json_schema", "schema": {...}}, {"type": "json_object"},
+    # {"type": "lark", "grammar": "..."} (see runtime/constrain.py).
+    grammar: dict | None = None
 
 
 @dataclass

@@ -9,7 +9,22 @@ max_tokens), temperature (0..2, default 1; 0 = greedy), top_p (0..1; 0 = greedy)
 stream_options.include_usage, logprobs + top_logprobs (chat: bool + 0..20), logprobs (completions:
 int 0..20), echo (completions, without logprobs). Without max_tokens a request may use the rest
 of the context. Unknown fields are accepted and ignored (presence/frequency penalties, user,
-logit_bias, ...); tools and response_format come with the tool-calling work.
+logit_bias, ...).
+
+Tools (chat): `tools` (function tools), `tool_choice` ("auto" default with tools, "none",
+"required", {"type": "function", "function": {"name": ...}}). Tools go to the chat template;
+generated calls are parsed with the model's tool parser (runtime/api/tools.py) into
+`message.tool_calls` (streaming: `delta.tool_calls` with index, id, type, function.name, then
+function.arguments), finish_reason "tool_calls". "required" / a named tool force exactly one
+call by constrained decoding; "none" does not parse calls (text is shown as generated).
+Assistant messages with `tool_calls` and `role: "tool"` results are accepted back.
+`parallel_tool_calls` is accepted; a forced choice produces exactly one call.
+
+Structured output (chat): `response_format` {"type": "json_object"} or {"type": "json_schema",
+"json_schema": {"name", "schema", "strict"}} is enforced by constrained decoding (always, strict
+or not); {"type": "text"} is none. A schema that cannot be enforced is a 400 saying why. With
+finish_reason "length" the output is a truncated prefix of valid JSON. A forced tool choice
+cannot be combined with response_format (400). Completions ignore response_format.
 """
 
 from __future__ import annotations
@@ -22,11 +37,13 @@ from typing import Any, AsyncIterator
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
+from .. import constrain
 from ..requests import FinishEvent, SamplingParams, TokenEvent
 from .errors import APIError, bad_request, internal
 from .generation import Collected, Generation, Serving, cancel_on_disconnect, new_id
 from .prompt import check_token_ids, encode_text, normalize_messages, render_chat
 from .sse import DONE, EventStreamResponse, sse_data
+from .tools import Tool, ToolCall, ToolCallStream, forced_grammar, template_tools
 
 log = logging.getLogger("exolaunch.api")
 
@@ -79,6 +96,10 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
 
 
 class CompletionRequest(_Common):
@@ -108,7 +129,7 @@ def _stops(stop: str | list[str] | None) -> list[str]:
 
 
 def _params(body: _Common, max_tokens: int | None, prompt_len: int, context_length: int,
-            logprobs: bool, top_logprobs: int) -> list[SamplingParams]:
+            logprobs: bool, top_logprobs: int, grammar: dict | None = None) -> list[SamplingParams]:
     n = body.n or 1
     temperature = 1.0 if body.temperature is None else float(body.temperature)
     top_p = 1.0 if body.top_p is None else float(body.top_p)
@@ -123,7 +144,7 @@ def _params(body: _Common, max_tokens: int | None, prompt_len: int, context_leng
             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=body.top_k or 0,
             seed=None if body.seed is None else (body.seed + i) % SEED_MOD,
             stop=list(stops), logprobs=logprobs, top_logprobs=top_logprobs if logprobs else 0,
-            ignore_eos=bool(body.ignore_eos),
+            ignore_eos=bool(body.ignore_eos), grammar=grammar,
         ))
     return out
 
@@ -200,6 +221,95 @@ async def _respond(request: Request, gen: Generation, body: _Common,
 # ------------------------------------------------------------------------------------------------
 
 
+def _tools(raw: list[dict[str, Any]] | None) -> list[Tool]:
+    out: list[Tool] = []
+    for i, t in enumerate(raw or []):
+        where = f"tools[{i}]"
+        if not isinstance(t, dict):
+            raise bad_request(f"{where}: expected an object", where)
+        if t.get("type", "function") != "function":
+            raise bad_request(f"{where}.type: only function tools are supported, got {t.get('type')!r}",
+                              f"{where}.type")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise bad_request(f"{where}.function: required (an object with a name)", f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad_request(f"{where}.function.name: required", f"{where}.function.name")
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise bad_request(f"{where}.function.parameters: must be a JSON schema object",
+                              f"{where}.function.parameters")
+        desc = fn.get("description") or ""
+        if not isinstance(desc, str):
+            raise bad_request(f"{where}.function.description: must be a string",
+                              f"{where}.function.description")
+        out.append(Tool(name=name, description=desc, parameters=params))
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise bad_request("tools: function names must be unique", "tools")
+    return out
+
+
+def _tool_choice(raw: Any, tools: list[Tool]) -> Any:
+    """"auto" | "none" | "required" | {"name": ...}."""
+    if raw is None:
+        return "auto" if tools else "none"
+    if isinstance(raw, str):
+        if raw not in ("auto", "none", "required"):
+            raise bad_request(f"tool_choice: expected \"auto\", \"none\", \"required\" or a "
+                              f"function, got {raw!r}", "tool_choice")
+        if raw == "required" and not tools:
+            raise bad_request("tool_choice: \"required\" needs at least one tool", "tool_choice")
+        return raw
+    fn = raw.get("function") if isinstance(raw, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str) or not name:
+        raise bad_request("tool_choice: expected {\"type\": \"function\", \"function\": {\"name\": ...}}",
+                          "tool_choice")
+    if name not in {t.name for t in tools}:
+        raise bad_request(f"tool_choice: the function {name!r} is not among the tools", "tool_choice")
+    return {"name": name}
+
+
+def _response_format(raw: dict[str, Any] | None) -> dict | None:
+    if raw is None:
+        return None
+    kind = raw.get("type")
+    if kind in (None, "text"):
+        return None
+    if kind == "json_object":
+        return constrain.json_object()
+    if kind == "json_schema":
+        js = raw.get("json_schema")
+        if not isinstance(js, dict):
+            raise bad_request("response_format.json_schema: required (an object with name and schema)",
+                              "response_format.json_schema")
+        if "schema" not in js or js["schema"] is None:
+            return constrain.json_object()
+        schema = js["schema"]
+        if not isinstance(schema, (dict, bool)):
+            raise bad_request(f"response_format.json_schema.schema: must be a JSON schema object, got "
+                              f"{type(schema).__name__}", "response_format.json_schema.schema")
+        return constrain.json_schema(schema)
+    raise bad_request(f"response_format.type: expected \"text\", \"json_object\" or \"json_schema\", "
+                      f"got {kind!r}", "response_format.type")
+
+
+def _check_grammar(grammar: dict, tokenizer, param: str) -> None:
+    try:
+        constrain.validate(grammar, tokenizer)
+    except constrain.UnsupportedGrammar as e:
+        raise bad_request(f"{param}: {e}", param) from None
+
+
+def _tool_call_json(call: ToolCall) -> dict[str, Any]:
+    return {"id": call.id, "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+
+
 def _chat_logprob(serving: Serving, ev: TokenEvent, k: int) -> dict[str, Any]:
     tt = serving.token_text
     return {
@@ -219,12 +329,29 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", "top_logprobs")
     messages = normalize_messages([m.model_dump() for m in body.messages])
-    tokens = await serving.run_sync(render_chat, serving.tokenizer, messages)
+    tools = _tools(body.tools)
+    choice = _tool_choice(body.tool_choice, tools)
+    grammar = _response_format(body.response_format)
+    tok = serving.tokenizer
+    forced = None
+    if tools and choice not in ("auto", "none"):
+        forced = forced_grammar(tok, tools, choice)
+        if grammar is not None:
+            raise bad_request("response_format cannot be combined with a forced tool_choice "
+                              "(\"required\" or a named function)", "response_format")
+        await serving.run_sync(_check_grammar, forced, tok, "tools")
+        grammar = forced
+    elif grammar is not None:
+        await serving.run_sync(_check_grammar, grammar, tok, "response_format")
+    parse_tools = bool(tools) and choice != "none"
+    tokens = await serving.run_sync(render_chat, tok, messages,
+                                    tools=template_tools(tools) if tools else None)
     want_lp = bool(body.logprobs)
     k = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
-    params = _params(body, max_tokens, len(tokens), serving.engine.context_length, want_lp, k)
+    params = _params(body, max_tokens, len(tokens), serving.engine.context_length, want_lp, k,
+                     grammar=grammar)
     rid = new_id("chatcmpl")
     gen = await serving.submit([(tokens, p) for p in params], rid, prompt_param="messages")
     created = int(time.time())
@@ -241,20 +368,56 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     def piece(i: int, delta: dict, lp: dict | None = None, finish: str | None = None) -> dict:
         return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
+    def finish_reason(ev: FinishEvent | None, calls: int) -> str:
+        r = _finish_reason(ev)
+        return "tool_calls" if calls and r == "stop" else r
+
     async def stream() -> AsyncIterator[bytes]:
         usage = _Usage([len(tokens)], n)
+        parsers = [ToolCallStream(tok, tools) if parse_tools else None for _ in range(n)]
+        ncalls = [0] * n
+
+        def deltas(i: int, text: str, lp: dict | None = None) -> list[bytes]:
+            """Chunks for new text of choice i: content, or tool-call deltas."""
+            p = parsers[i]
+            items = [text] if p is None else p.feed(text)
+            return render(i, items, lp)
+
+        def render(i: int, items: list, lp: dict | None) -> list[bytes]:
+            out = []
+            for it in items:
+                if isinstance(it, ToolCall):
+                    idx = ncalls[i]
+                    ncalls[i] += 1
+                    out.append(chunk([piece(i, {"tool_calls": [{
+                        "index": idx, "id": it.id, "type": "function",
+                        "function": {"name": it.name, "arguments": ""}}]})]))
+                    out.append(chunk([piece(i, {"tool_calls": [{
+                        "index": idx, "function": {"arguments": it.arguments}}]})]))
+                elif it or lp:
+                    out.append(chunk([piece(i, {"content": it}, lp)]))
+                    lp = None
+            if lp:  # logprobs of a token whose text is held back or inside a call
+                out.append(chunk([piece(i, {"content": ""}, lp)]))
+            return out
+
         for i in range(n):
             yield chunk([piece(i, {"role": "assistant", "content": ""})])
         async for i, ev in gen.events():
             if isinstance(ev, TokenEvent):
                 lp = {"content": [_chat_logprob(serving, ev, k)]} if want_lp else None
                 if ev.text or lp:
-                    yield chunk([piece(i, {"content": ev.text}, lp)])
+                    for c in deltas(i, ev.text, lp):
+                        yield c
             else:
                 usage.add(i, ev)
                 if ev.text:
-                    yield chunk([piece(i, {"content": ev.text})])
-                yield chunk([piece(i, {}, None, _finish_reason(ev))])
+                    for c in deltas(i, ev.text):
+                        yield c
+                if parsers[i] is not None:
+                    for c in render(i, parsers[i].finish(), None):
+                        yield c
+                yield chunk([piece(i, {}, None, finish_reason(ev, ncalls[i]))])
         if include_usage:
             yield chunk([], usage.body())
         yield DONE
@@ -265,12 +428,24 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
         for i, c in enumerate(results):
             if c.finish is not None:
                 usage.add(i, c.finish)
+            message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
+            calls: list[ToolCall] = []
+            if parse_tools:
+                p = ToolCallStream(tok, tools)
+                items = p.feed(c.text) + p.finish()
+                calls = [it for it in items if isinstance(it, ToolCall)]
+                text = "".join(it for it in items if isinstance(it, str))
+                if calls:
+                    message["content"] = text if text.strip() else None
+                    message["tool_calls"] = [_tool_call_json(x) for x in calls]
+                else:
+                    message["content"] = text
             choices.append({
                 "index": i,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "message": message,
                 "logprobs": {"content": [_chat_logprob(serving, t, k) for t in c.tokens],
                              "refusal": None} if want_lp else None,
-                "finish_reason": _finish_reason(c.finish),
+                "finish_reason": finish_reason(c.finish, len(calls)),
             })
         return {"id": rid, "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": None, "choices": choices, "usage": usage.body()}

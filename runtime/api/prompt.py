@@ -11,6 +11,7 @@ is a 400. The role "developer" (newer OpenAI clients) is given to the template a
 from __future__ import annotations
 
 import functools
+import json
 import re
 from typing import Any, Iterable
 
@@ -63,18 +64,72 @@ def _as_ids(out: Any) -> list[int]:
     return [int(t) for t in out]
 
 
-def render_chat(tokenizer, messages: list[dict], *, param: str = "messages",
-                **template_kwargs: Any) -> list[int]:
+def _template_message(m: dict) -> dict:
+    """Assistant tool calls as templates expect them: `function.arguments` a dict (HF's
+    convention; a JSON string from the wire is parsed, a string that is not a JSON object is
+    kept as is) and every call with "type": "function"."""
+    calls = m.get("tool_calls")
+    if not calls:
+        if "tool_calls" in m:
+            m = {k: v for k, v in m.items() if k != "tool_calls"}
+        return m
+    out = []
+    for c in calls:
+        if not isinstance(c, dict):
+            out.append(c)
+            continue
+        c = dict(c)
+        fn = c.get("function")
+        if isinstance(fn, dict):
+            fn = dict(fn)
+            args = fn.get("arguments")
+            if isinstance(args, str):
+                try:
+                    parsed = json.loads(args) if args.strip() else {}
+                    if isinstance(parsed, dict):
+                        fn["arguments"] = parsed
+                except ValueError:
+                    pass
+            elif args is None:
+                fn["arguments"] = {}
+            c["function"] = fn
+            c.setdefault("type", "function")
+        out.append(c)
+    return dict(m, tool_calls=out)
+
+
+def _plain_transcript(messages: list[dict], tools: list[dict] | None) -> str:
+    parts = []
+    if tools:
+        parts.append("tools: " + json.dumps(tools) + "\n")
+    for m in messages:
+        line = f"{m['role']}: {m.get('content') or ''}"
+        for c in m.get("tool_calls") or []:
+            fn = c.get("function", c) if isinstance(c, dict) else {}
+            line += " " + json.dumps({"name": fn.get("name"), "arguments": fn.get("arguments")})
+        parts.append(line + "\n")
+    return "".join(parts)
+
+
+def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = None,
+                param: str = "messages", **template_kwargs: Any) -> list[int]:
     """Token ids of `messages` through the model's chat template, with the generation prompt.
 
+    `tools` (OpenAI function-format dicts, see runtime/api/tools.template_tools) go to the
+    template as `tools=`. Assistant messages may carry `tool_calls` (OpenAI shape; string
+    arguments are given to the template as dicts) and `role: "tool"` messages carry results.
+
     Without a chat template: "role: content" lines then "assistant:" (so a base model still
-    answers). A template that raises (e.g. "roles must alternate") is a 400 naming the reason.
+    answers), tools as one JSON line first. A template that raises (e.g. "roles must
+    alternate") is a 400 naming the reason.
     """
     if not messages:
         raise bad_request(f"{param}: at least one message is required", param)
+    messages = [_template_message(m) for m in messages]
     if not getattr(tokenizer, "has_chat_template", getattr(tokenizer, "chat_template", None)):
-        text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
-        return encode_text(tokenizer, text + "assistant:", param=param)
+        return encode_text(tokenizer, _plain_transcript(messages, tools) + "assistant:", param=param)
+    if tools:
+        template_kwargs["tools"] = tools
     try:
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                             **template_kwargs)
