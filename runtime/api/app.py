@@ -8,6 +8,10 @@ Routes
     POST /v1/chat/completions        OpenAI (runtime/api/openai.py)
     POST /v1/completions
     GET  /v1/models, /v1/models/{id}
+    POST /v1/responses               OpenAI Responses (runtime/api/responses.py)
+    POST /v1/messages, /v1/messages/count_tokens   Anthropic (runtime/api/anthropic.py)
+    /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version, GET|HEAD /
+                                     Ollama (runtime/api/ollama.py; `/` needs the key too)
 
 Auth: with api_key set, every route except /health needs `Authorization: Bearer KEY` (or
 `x-api-key: KEY`); otherwise 401. Errors are OpenAI error objects (runtime/api/errors.py);
@@ -21,7 +25,10 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from . import anthropic as anthropic_dialect
+from . import ollama as ollama_dialect
 from . import openai as openai_dialect
+from . import responses as responses_dialect
 from .auth import APIKeyMiddleware
 from .errors import install_error_handlers
 from .generation import Serving
@@ -53,6 +60,9 @@ def create_app(engine: Any, *, api_key: str | None = None) -> FastAPI:
         return JSONResponse(body, status_code=200 if ok else 503)
 
     app.include_router(openai_dialect.router)
+    app.include_router(responses_dialect.router)
+    app.include_router(anthropic_dialect.router)
+    app.include_router(ollama_dialect.router)
 
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)

@@ -1,0 +1,580 @@
+"""Anthropic Messages dialect: POST /v1/messages, POST /v1/messages/count_tokens.
+
+Wire request -> chat messages (system, text, tool_use, tool_result) -> the chat template
+(with the tools) -> SamplingParams (+ a grammar when tool_choice forces a tool) ->
+`Serving.submit` -> events -> Anthropic's message object, or its named SSE events.
+
+Request fields: model (required), max_tokens (required, >= 1), messages (role user|assistant;
+content a string or blocks: text, tool_use (assistant), tool_result (user; content a string or
+text blocks; is_error prefixes "Error: "), thinking / redacted_thinking (dropped); image and
+document blocks are a 400 (text-only models)), system (string or text blocks), stop_sequences
+(up to 16), temperature (0..1, default 1; 0 = greedy), top_p (0..1; 0 = greedy), top_k,
+tools (custom tools: name, description, input_schema; server tools are a 400), tool_choice
+({"type": "auto"|"any"|"tool"|"none", "name"}; "any" and "tool" are enforced with
+constrained decoding, so `input` always validates against `input_schema`), output_config.format
+({"type": "json_schema", "schema"}: the text is JSON valid for the schema, also constrained),
+stream.
+metadata, thinking, service_tier and any unknown field are accepted and ignored; so are the
+`anthropic-version` and `anthropic-beta` headers. A final assistant message is a prefill: the
+reply continues it (its text is not repeated in the response).
+
+Response: {"id": "msg_...", "type": "message", "role": "assistant", "model", "content":
+[text | tool_use blocks], "stop_reason": "end_turn" | "max_tokens" | "stop_sequence" |
+"tool_use", "stop_sequence", "usage": {"input_tokens", "output_tokens", ...}}. No output at
+all gives `content: []` (as Anthropic does); whitespace-only text around tool calls is dropped.
+
+Streaming: message_start, ping, then per block content_block_start / content_block_delta
+(text_delta, or one input_json_delta carrying the whole input once the call is complete) /
+content_block_stop, then message_delta (stop_reason, stop_sequence, usage) and message_stop.
+A failure after the stream started is an `error` event ({"type": "error", "error": {...}}),
+and the stream ends there.
+
+Errors: {"type": "error", "error": {"type", "message"}} for every path under /v1/messages
+(also the API-key middleware's 401 and FastAPI's validation / routing errors). Statuses:
+400 invalid_request_error (bad fields, missing max_tokens, prompt too long), 401
+authentication_error, 404 not_found_error (unknown model or route), 500 api_error, and 503
+when the engine is unavailable: `overloaded_error` while it loads or shuts down, `api_error`
+once it has failed. 503 rather than Anthropic's private 529: it is what /ready and every other
+dialect of this server say, and the SDK retries both the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Literal
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from .. import constrain
+from ..requests import FinishEvent, SamplingParams, TokenEvent
+from . import tools as toolkit
+from .errors import APIError, bad_request, internal, register_error_format
+from .generation import Serving, cancel_on_disconnect
+from .prompt import encode_text, render_chat
+from .sse import EventStreamResponse, sse_event
+
+log = logging.getLogger("exolaunch.api")
+
+router = APIRouter()
+
+PREFIX = "/v1/messages"
+MAX_STOP = 16
+_TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
+
+
+# ------------------------------------------------------------------------------------------------
+# Errors in Anthropic's shape
+# ------------------------------------------------------------------------------------------------
+
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+
+
+def error_type(err: APIError) -> str:
+    if err.status == 503:
+        return "api_error" if err.code == "engine_failed" else "overloaded_error"
+    if err.status in _ERROR_TYPES:
+        return _ERROR_TYPES[err.status]
+    return "invalid_request_error" if err.status < 500 else "api_error"
+
+
+def error_body(err: APIError) -> dict[str, Any]:
+    message = err.message
+    if err.status == 401 and message.startswith("missing API key"):
+        message = "missing API key: send the header 'x-api-key: YOUR_KEY'"
+    return {"type": "error", "error": {"type": error_type(err), "message": message}}
+
+
+def render_error(err: APIError) -> JSONResponse:
+    return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
+
+
+register_error_format(PREFIX, render_error)
+
+
+# ------------------------------------------------------------------------------------------------
+# Request bodies: unknown fields allowed, known ones strictly typed and range-checked.
+# ------------------------------------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class Message(_Body):
+    role: Literal["user", "assistant"]
+    content: str | list[dict[str, Any]]
+
+
+class ToolDef(_Body):
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+    type: str | None = None  # "custom", or a server tool ("web_search_20250305", ...)
+
+
+class ToolChoice(_Body):
+    type: Literal["auto", "any", "tool", "none"]
+    name: str | None = None
+    disable_parallel_tool_use: bool | None = None  # accepted; one call per turn when forced
+
+
+class _Shared(_Body):
+    model: str
+    messages: list[Message] = Field(min_length=1)
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[ToolDef] | None = None
+    tool_choice: ToolChoice | None = None
+    output_config: dict[str, Any] | None = None  # format: structured output; effort: ignored
+
+
+class MessagesRequest(_Shared):
+    max_tokens: int = Field(ge=1)
+    stop_sequences: list[str] | None = None
+    temperature: float | None = Field(None, ge=0, le=1)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = Field(None, ge=0)
+    metadata: dict[str, Any] | None = None  # accepted, ignored
+    stream: bool | None = False
+
+
+class CountTokensRequest(_Shared):
+    pass
+
+
+# ------------------------------------------------------------------------------------------------
+# Wire request -> chat messages, tools, grammar, prompt tokens
+# ------------------------------------------------------------------------------------------------
+
+
+def _text_of(blocks: Any, where: str) -> str:
+    """A string, or text blocks joined without a separator."""
+    if isinstance(blocks, str):
+        return blocks
+    if not isinstance(blocks, list):
+        raise bad_request(f"{where}: expected a string or a list of text blocks", where)
+    out = []
+    for i, b in enumerate(blocks):
+        if not isinstance(b, dict) or b.get("type") != "text" or not isinstance(b.get("text"), str):
+            kind = b.get("type") if isinstance(b, dict) else type(b).__name__
+            raise bad_request(f"{where}[{i}]: expected a text block, got {kind!r} (this server "
+                              "serves a text-only model)", f"{where}[{i}]")
+        out.append(b["text"])
+    return "".join(out)
+
+
+def _tools(body: _Shared) -> list[toolkit.Tool]:
+    out = []
+    for i, t in enumerate(body.tools or []):
+        where = f"tools[{i}]"
+        if t.type not in (None, "custom"):
+            raise bad_request(f"{where}.type: server tool {t.type!r} is not supported here "
+                              "(only custom tools with an input_schema)", f"{where}.type")
+        if not _TOOL_NAME.match(t.name):
+            raise bad_request(f"{where}.name: must match ^[a-zA-Z0-9_-]{{1,128}}$",
+                              f"{where}.name")
+        if t.input_schema is None:
+            raise bad_request(f"{where}.input_schema: field required", f"{where}.input_schema")
+        if t.input_schema.get("type", "object") != "object":
+            raise bad_request(f"{where}.input_schema.type: must be 'object'",
+                              f"{where}.input_schema")
+        out.append(toolkit.Tool(name=t.name, description=t.description or "",
+                                parameters=t.input_schema))
+    names = [t.name for t in out]
+    dup = {n for n in names if names.count(n) > 1}
+    if dup:
+        raise bad_request(f"tools: duplicate tool name {sorted(dup)[0]!r}", "tools")
+    return out
+
+
+def _choice(body: _Shared, tools: list[toolkit.Tool]) -> str | dict:
+    """Anthropic tool_choice -> the shared choice ("auto"|"none"|"required"|{"name": fn})."""
+    tc = body.tool_choice
+    if tc is None or tc.type == "auto":
+        return "auto"
+    if tc.type == "none":
+        return "none"
+    if not tools:
+        raise bad_request(f"tool_choice: type {tc.type!r} needs tools", "tool_choice")
+    if tc.type == "any":
+        return "required"
+    if not tc.name:
+        raise bad_request("tool_choice.name: required with type 'tool'", "tool_choice.name")
+    if tc.name not in {t.name for t in tools}:
+        raise bad_request(f"tool_choice.name: no tool named {tc.name!r} in tools",
+                          "tool_choice.name")
+    return {"name": tc.name}
+
+
+def _arguments(value: Any, where: str) -> str:
+    if not isinstance(value, dict):
+        raise bad_request(f"{where}: must be an object", where)
+    return json.dumps(value, ensure_ascii=False)
+
+
+def chat_messages(body: _Shared) -> tuple[list[dict], str | None]:
+    """The internal chat messages, and the prefill (text of a final assistant message)."""
+    out: list[dict] = []
+    if body.system is not None:
+        system = _text_of(body.system, "system")
+        if system:
+            out.append({"role": "system", "content": system})
+    names: dict[str, str] = {}  # tool_use id -> tool name, for the results
+    prefill: str | None = None
+    last = len(body.messages) - 1
+    for i, m in enumerate(body.messages):
+        where = f"messages[{i}].content"
+        if isinstance(m.content, str):
+            if m.role == "assistant" and i == last:
+                prefill = m.content
+            else:
+                out.append({"role": m.role, "content": m.content})
+            continue
+        texts: list[str] = []
+        calls: list[toolkit.ToolCall] = []
+        results: list[dict] = []
+        for j, b in enumerate(m.content):
+            bw = f"{where}[{j}]"
+            kind = b.get("type")
+            if kind == "text" and isinstance(b.get("text"), str):
+                texts.append(b["text"])
+            elif kind in ("thinking", "redacted_thinking"):
+                continue  # earlier turns' reasoning: not part of the prompt
+            elif kind == "tool_use":
+                if m.role != "assistant":
+                    raise bad_request(f"{bw}: tool_use blocks belong to assistant messages", bw)
+                if not isinstance(b.get("id"), str) or not isinstance(b.get("name"), str):
+                    raise bad_request(f"{bw}: tool_use needs an id and a name", bw)
+                calls.append(toolkit.ToolCall(id=b["id"], name=b["name"],
+                                              arguments=_arguments(b.get("input", {}),
+                                                                   f"{bw}.input")))
+                names[b["id"]] = b["name"]
+            elif kind == "tool_result":
+                if m.role != "user":
+                    raise bad_request(f"{bw}: tool_result blocks belong to user messages", bw)
+                call_id = b.get("tool_use_id")
+                if not isinstance(call_id, str):
+                    raise bad_request(f"{bw}.tool_use_id: required", f"{bw}.tool_use_id")
+                content = b.get("content")
+                text = "" if content is None else _text_of(content, f"{bw}.content")
+                if b.get("is_error"):
+                    text = f"Error: {text}" if text else "Error"
+                results.append(toolkit.tool_result_message(call_id, text,
+                                                           name=names.get(call_id)))
+            else:
+                raise bad_request(f"{bw}: content block type {kind!r} is not supported (this "
+                                  "server serves a text-only model: text, tool_use and "
+                                  "tool_result blocks)", bw)
+        text = "".join(texts)
+        if m.role == "assistant":
+            if calls:
+                out.append(toolkit.tool_call_message(calls, content=text or None))
+            elif i == last:
+                prefill = text
+            else:
+                out.append({"role": "assistant", "content": text})
+        else:
+            out.extend(results)  # Anthropic puts tool results first in the user turn
+            if texts or not results:
+                out.append({"role": "user", "content": text})
+    return out, prefill
+
+
+@dataclass
+class Prepared:
+    tokens: list[int]
+    tools: list[toolkit.Tool] = field(default_factory=list)
+    choice: str | dict = "auto"
+    grammar: dict | None = None
+
+
+def _encode_continuation(tokenizer, text: str) -> list[int]:
+    try:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    except TypeError:
+        ids = tokenizer.encode(text)
+    return [int(t) for t in ids]
+
+
+def prepare(serving: Serving, body: _Shared, *, with_grammar: bool) -> Prepared:
+    """Runs on the tokenizer thread: prompt tokens (and the grammar for a forced tool)."""
+    tok = serving.tokenizer
+    tools = _tools(body)
+    choice = _choice(body, tools)
+    messages, prefill = chat_messages(body)
+    kwargs: dict[str, Any] = {}
+    if tools:
+        kwargs["tools"] = toolkit.template_tools(tools)
+    if messages:
+        tokens = render_chat(tok, messages, **kwargs)
+    elif prefill:  # only a prefill: treat it as a plain prompt
+        tokens, prefill = encode_text(tok, prefill, param="messages"), None
+    else:
+        raise bad_request("messages: at least one user message is required", "messages")
+    if prefill:
+        tokens = tokens + _encode_continuation(tok, prefill)
+    grammar = None
+    fmt = _output_format(body)
+    if with_grammar and tools and choice not in ("auto", "none"):
+        if fmt is not None:
+            raise bad_request("output_config.format: cannot be combined with a tool_choice "
+                              "that forces a tool", "output_config.format")
+        try:
+            grammar = toolkit.forced_grammar(tok, tools, choice)
+            if grammar is not None:
+                constrain.validate(grammar, tok)
+        except ValueError as e:  # constrain.UnsupportedGrammar: a schema we cannot enforce
+            raise bad_request(f"tools: {e}", "tools") from None
+    elif with_grammar and fmt is not None:
+        grammar = constrain.json_schema(fmt)
+        try:
+            constrain.validate(grammar, tok)
+        except ValueError as e:
+            raise bad_request(f"output_config.format.schema: {e}",
+                              "output_config.format.schema") from None
+    return Prepared(tokens, tools, choice, grammar)
+
+
+def _output_format(body: _Shared) -> dict | None:
+    """output_config.format {"type": "json_schema", "schema": {...}} (structured outputs)."""
+    oc = getattr(body, "output_config", None)
+    if oc is None:
+        return None
+    if not isinstance(oc, dict):
+        raise bad_request("output_config: must be an object", "output_config")
+    fmt = oc.get("format")
+    if fmt is None:
+        return None
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema" \
+            or not isinstance(fmt.get("schema"), dict):
+        raise bad_request("output_config.format: expected {\"type\": \"json_schema\", "
+                          "\"schema\": {...}}", "output_config.format")
+    return fmt["schema"]
+
+
+def _params(body: MessagesRequest, grammar: dict | None) -> SamplingParams:
+    temperature = 1.0 if body.temperature is None else float(body.temperature)
+    top_p = 1.0 if body.top_p is None else float(body.top_p)
+    if top_p == 0.0:  # only the most likely token survives: greedy
+        temperature, top_p = 0.0, 1.0
+    stops = list(body.stop_sequences or [])
+    if len(stops) > MAX_STOP:
+        raise bad_request(f"stop_sequences: at most {MAX_STOP}", "stop_sequences")
+    return SamplingParams(max_tokens=body.max_tokens, temperature=temperature, top_p=top_p,
+                          top_k=body.top_k or 0, stop=[s for s in stops if s], grammar=grammar)
+
+
+# ------------------------------------------------------------------------------------------------
+# Events -> content blocks (one assembler for both the stream and the final message)
+# ------------------------------------------------------------------------------------------------
+
+
+def _tool_input(call: toolkit.ToolCall) -> dict[str, Any]:
+    try:
+        value = json.loads(call.arguments) if call.arguments else {}
+    except (TypeError, ValueError):
+        value = None
+    return value if isinstance(value, dict) else {"arguments": call.arguments}
+
+
+class Blocks:
+    """Generated text -> Anthropic content blocks, as stream events and as the final list.
+
+    Text goes through the tool-call parser when tools are in play. A text block opens only once
+    it has non-whitespace text, so whitespace around tool calls never becomes a block; text
+    that is whitespace only and alone is kept (one text block)."""
+
+    def __init__(self, parser: Any | None):
+        self.parser = parser
+        self.content: list[dict[str, Any]] = []
+        self.open = False  # the last block is a text block still open
+        self.pending = ""  # whitespace not yet given to a block
+        self.tool_uses = 0
+        self.fin: FinishEvent | None = None
+
+    def _start(self, block: dict[str, Any]) -> bytes:
+        self.content.append(block)
+        start = dict(block, input={}) if block["type"] == "tool_use" else dict(block, text="")
+        return sse_event("content_block_start", {"type": "content_block_start",
+                                                 "index": len(self.content) - 1,
+                                                 "content_block": start})
+
+    def _delta(self, delta: dict[str, Any]) -> bytes:
+        return sse_event("content_block_delta", {"type": "content_block_delta",
+                                                 "index": len(self.content) - 1, "delta": delta})
+
+    def _stop(self) -> bytes:
+        self.open = False
+        return sse_event("content_block_stop", {"type": "content_block_stop",
+                                                "index": len(self.content) - 1})
+
+    def _text(self, text: str, force: bool = False) -> list[bytes]:
+        if not text:
+            return []
+        if not self.open:
+            self.pending += text
+            if not self.pending.strip() and not force:
+                return []
+            text, self.pending = self.pending, ""
+            out = [self._start({"type": "text", "text": ""})]
+            self.open = True
+        else:
+            out = []
+        self.content[-1]["text"] += text
+        out.append(self._delta({"type": "text_delta", "text": text}))
+        return out
+
+    def _call(self, call: toolkit.ToolCall) -> list[bytes]:
+        out = [self._stop()] if self.open else []
+        self.pending = ""
+        self.tool_uses += 1
+        value = _tool_input(call)
+        block = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,
+                 "input": value}
+        out.append(self._start(block))
+        out.append(self._delta({"type": "input_json_delta",
+                                "partial_json": json.dumps(value, ensure_ascii=False)}))
+        out.append(self._stop())
+        return out
+
+    def _items(self, items: list) -> list[bytes]:
+        out: list[bytes] = []
+        for it in items:
+            out += self._text(it) if isinstance(it, str) else self._call(it)
+        return out
+
+    def feed(self, text: str) -> list[bytes]:
+        if not text:
+            return []
+        if self.parser is None:
+            return self._text(text)
+        return self._items(self.parser.feed(text))
+
+    def finish(self) -> list[bytes]:
+        out = self._items(self.parser.finish()) if self.parser is not None else []
+        if self.pending and not self.content:  # whitespace-only output: still the answer
+            pending, self.pending = self.pending, ""
+            out += self._text(pending, force=True)
+        if self.open:
+            out.append(self._stop())
+        return out
+
+
+def stop_reason(fin: FinishEvent | None, blocks: Blocks) -> tuple[str, str | None]:
+    if fin is not None and fin.reason == "length":
+        return "max_tokens", None
+    if fin is not None and fin.stop_string:
+        return "stop_sequence", fin.stop_string
+    if blocks.tool_uses:
+        return "tool_use", None
+    return "end_turn", None
+
+
+def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+
+
+# ------------------------------------------------------------------------------------------------
+# Routes
+# ------------------------------------------------------------------------------------------------
+
+
+def _serving(request: Request) -> Serving:
+    return request.app.state.serving
+
+
+def _parser(tokenizer, prep: Prepared) -> Any | None:
+    if not prep.tools or prep.choice == "none":
+        return None
+    return toolkit.ToolCallStream(tokenizer, prep.tools)
+
+
+@router.post(PREFIX)
+async def messages(request: Request, body: MessagesRequest):
+    serving = _serving(request)
+    model = serving.resolve_model(body.model)
+    serving.check_serving()
+    prep = await serving.run_sync(prepare, serving, body, with_grammar=True)
+    params = _params(body, prep.grammar)
+    mid = f"msg_{uuid.uuid4().hex[:24]}"
+    gen = await serving.submit([(prep.tokens, params)], mid, prompt_param="messages")
+    n_in = len(prep.tokens)
+
+    def message(content: list[dict], reason: str | None, seq: str | None,
+                usage: dict[str, Any]) -> dict[str, Any]:
+        return {"id": mid, "type": "message", "role": "assistant", "model": model,
+                "content": content, "stop_reason": reason, "stop_sequence": seq,
+                "usage": usage}
+
+    async def run(blocks: Blocks) -> AsyncIterator[bytes]:
+        """Every content event, in order; sets blocks.fin at the end."""
+        async for _, ev in gen.events():
+            if isinstance(ev, TokenEvent):
+                for chunk in blocks.feed(ev.text):
+                    yield chunk
+            else:
+                blocks.fin = ev
+                for chunk in blocks.feed(ev.text) + blocks.finish():
+                    yield chunk
+
+    if body.stream:
+        async def stream() -> AsyncIterator[bytes]:
+            blocks = Blocks(_parser(serving.tokenizer, prep))
+            yield sse_event("message_start", {"type": "message_start", "message": message(
+                [], None, None, _usage(n_in, 0))})
+            yield sse_event("ping", {"type": "ping"})
+            try:
+                async for chunk in run(blocks):
+                    yield chunk
+            except APIError as e:
+                yield sse_event("error", error_body(e))
+                return
+            except Exception:
+                log.exception("anthropic stream failed")
+                yield sse_event("error", error_body(internal()))
+                return
+            fin = blocks.fin
+            reason, seq = stop_reason(fin, blocks)
+            n_out = fin.completion_tokens if fin else 0
+            yield sse_event("message_delta", {
+                "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
+                "usage": {"input_tokens": fin.prompt_tokens if fin and fin.prompt_tokens
+                          else n_in, "output_tokens": n_out}})
+            yield sse_event("message_stop", {"type": "message_stop"})
+
+        return EventStreamResponse(stream(), on_close=gen.cancel)
+
+    async def work() -> dict[str, Any]:
+        blocks = Blocks(_parser(serving.tokenizer, prep))
+        async for _ in run(blocks):
+            pass
+        fin = blocks.fin
+        reason, seq = stop_reason(fin, blocks)
+        n_out = fin.completion_tokens if fin else 0
+        n_prompt = fin.prompt_tokens if fin and fin.prompt_tokens else n_in
+        return message(blocks.content, reason, seq, _usage(n_prompt, n_out))
+
+    try:
+        return await cancel_on_disconnect(request, work())
+    finally:
+        gen.cancel()
+
+
+@router.post(PREFIX + "/count_tokens")
+async def count_tokens(request: Request, body: CountTokensRequest):
+    serving = _serving(request)
+    serving.resolve_model(body.model)
+    serving.check_serving()
+    prep = await serving.run_sync(prepare, serving, body, with_grammar=False)
+    return {"input_tokens": len(prep.tokens)}
+
+
+__all__ = ["router", "render_error", "error_body", "chat_messages", "prepare", "Blocks"]
