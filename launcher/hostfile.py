@@ -596,7 +596,6 @@ def _load_mlx_json(label: str, text: str) -> Hostfile:
         k, v = item.split("=", 1)
         env.update(_one_env(src, p, k, v))
 
-    n = len(raw_hosts)
     ssh_values, count = [], {}
     for i, h in enumerate(raw_hosts):
         p = base + (i,)

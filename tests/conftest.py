@@ -50,3 +50,42 @@ def ssh_cluster_factory():
     finally:
         for c in made:
             c.stop()
+
+
+# -- API tests: a 1-rank engine in this process, served on a free loopback port ------------------
+
+API_MODEL = "demo-llama"
+
+
+@pytest.fixture(scope="session")
+def demo_model_path(tmp_path_factory):
+    from runtime.demo_models import ensure
+
+    return ensure(API_MODEL, cache_dir=tmp_path_factory.mktemp("models"), size="tiny")
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model_path):
+    import time
+
+    from runtime.engine import Engine
+
+    eng = Engine.start_local(demo_model_path, model_id=API_MODEL)
+    deadline = time.monotonic() + 60
+    while not eng.ready and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert eng.ready, eng.failed
+    yield eng
+    eng.shutdown()
+    # The engine thread's C++ thread-locals are destroyed after join() returns; give them a
+    # moment so interpreter finalization does not race them (mlx aborts otherwise).
+    time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    from runtime.api import start_server
+
+    srv = start_server(engine, "127.0.0.1", 0)
+    yield srv
+    srv.stop()

@@ -14,7 +14,6 @@ import openai
 import pytest
 
 from runtime.api import start_server
-from runtime.demo_models import ensure
 from runtime.requests import FinishEvent, RequestHandle, TokenEvent
 
 MODEL = "demo-llama"
@@ -25,30 +24,6 @@ USER = [{"role": "user", "content": "Tell me about the river and the mountain."}
 # ------------------------------------------------------------------------------------------------
 # fixtures
 # ------------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def engine(tmp_path_factory):
-    from runtime.engine import Engine
-
-    path = ensure(MODEL, cache_dir=tmp_path_factory.mktemp("models"), size="tiny")
-    eng = Engine.start_local(path, model_id=MODEL)
-    deadline = time.monotonic() + 60
-    while not eng.ready and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert eng.ready, eng.failed
-    yield eng
-    eng.shutdown()
-    # The engine thread's C++ thread-locals are destroyed after join() returns; give them a
-    # moment so interpreter finalization does not race them (mlx aborts otherwise).
-    time.sleep(0.5)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    srv = start_server(engine, "127.0.0.1", 0)
-    yield srv
-    srv.stop()
 
 
 @pytest.fixture(scope="module")
