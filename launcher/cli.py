@@ -18,6 +18,7 @@ import click
 import typer
 
 from launcher import ssh
+from launcher.backends import first_slots
 from launcher.errors import ConfigError, LaunchError
 
 app = typer.Typer(
@@ -148,7 +149,7 @@ def launch(g: Globals, command: list[str], *, np, backend, env, env_file, dry_ru
 def run_(
     ctx: typer.Context,
     model: str = typer.Argument("demo-llama", help="What to serve (default: the built-in demo model)."),
-    sharding: str = typer.Option("tensor", "--sharding", help="tensor (default) or pipeline."),
+    sharding: Optional[str] = typer.Option(None, "--sharding", help="tensor or pipeline (default: the planner's choice)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address rank 0's API binds to."),
     port: int = typer.Option(52415, "--port", help="API port on rank 0."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXOLAUNCH_API_KEY",
@@ -166,11 +167,43 @@ def run_(
     connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="SSH connect timeout, seconds."),
     host_key_check: Optional[str] = typer.Option(None, "--host-key-check", help="yes | accept-new | no."),
     data_port: Optional[int] = typer.Option(None, "--data-port", help="First data-plane port (overrides the hostfile)."),
+    force: bool = typer.Option(False, "--force", help="Start even if the plan says the model does not fit."),
+    skip_doctor: bool = typer.Option(False, "--skip-doctor", help="Skip the preflight checks of `exolaunch doctor`."),
 ):
-    if sharding not in ("tensor", "pipeline"):
+    if sharding not in (None, "tensor", "pipeline"):
         raise ConfigError(f"--sharding {sharding!r}: expected tensor or pipeline.")
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port {port}: expected a port between 1 and 65535.")
+    g: Globals = ctx.obj
+    hostfile, topology = load_cluster(g)
+    plan = _plan_or_none(model, hostfile, topology, backend=backend, sharding=sharding, np=np)
+    if plan is not None:
+        if dry_run:
+            typer.echo(plan.render())
+        elif not plan.fits and not force:
+            print(plan.render(), file=sys.stderr)
+            print("exolaunch: refusing to start: the plan above does not fit or cannot run "
+                  "(--force to try anyway).", file=sys.stderr)
+            return EXIT_REFUSED
+        else:
+            print(f"exolaunch: plan: {plan.sharding} over {len(plan.ranks)} rank(s), backend {plan.backend}"
+                  f"{'' if plan.fits else ' (does not fit; --force)'}", file=sys.stderr)
+        if sharding is None and plan.sharding in ("tensor", "pipeline"):
+            sharding = plan.sharding
+        if backend is None and hostfile.backend is None:
+            backend = plan.backend
+    sharding = sharding or "tensor"
+    if not skip_doctor and not dry_run:
+        from launcher.doctor import run_checks
+
+        rank0 = (first_slots(hostfile, np) if np else hostfile).hosts[0].name
+        report = run_checks(hostfile, topology, backend=backend, np=np, data_port=data_port, control=True,
+                            ports={rank0: [(host, port)]}, connect_timeout=connect_timeout,
+                            host_key_check=host_key_check)
+        if not report.ok:
+            print(report.render(), file=sys.stderr)
+            print("exolaunch: refusing to start: fix the problems above (or --skip-doctor).", file=sys.stderr)
+            return EXIT_REFUSED
     command = ["python", "-m", "runtime", "serve", "--model", model, "--sharding", sharding,
                "--host", host, "--port", str(port)]
 
@@ -200,6 +233,23 @@ def run_(
                   on_ready_message=ready_message)
 
 
+EXIT_REFUSED = 5  # run: the plan does not fit, or the preflight checks failed
+
+
+def _plan_or_none(model, hostfile, topology, **kw):
+    """The planner's view, or None when it cannot know the model (e.g. a hub repo not yet
+    downloaded): then run starts without a plan, as the runtime can still fetch it."""
+    from launcher.planner import plan_for
+
+    try:
+        return plan_for(model, hostfile, topology, **kw)
+    except ConfigError as e:
+        if "-n " in str(e) or "--" in str(e).split(":")[0]:
+            raise  # a flag error: the user must fix it
+        print(f"exolaunch: warning: no plan for {model} ({e}); starting without one.", file=sys.stderr)
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="exolaunch")
@@ -225,3 +275,7 @@ def main(argv: list[str] | None = None) -> None:
               "(rerun with EXOLAUNCH_DEBUG=1 for the traceback and please report it)", file=sys.stderr)
         rv = 70
     sys.exit(rv if isinstance(rv, int) else 0)
+
+
+# Subcommands that live in their own modules register themselves on `app`.
+from launcher import cli_doctor, cli_plan, cli_pull  # noqa: E402,F401

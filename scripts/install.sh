@@ -8,7 +8,7 @@ dev=0; [ "${1:-}" = "--dev" ] && dev=1
 
 if [ "$dev" = 1 ] && command -v apt-get >/dev/null 2>&1; then
   need=()
-  for pkg in openssh-server openssh-client openmpi-bin libopenmpi-dev iproute2 procps; do
+  for pkg in openssh-server openssh-client openmpi-bin libopenmpi-dev iproute2 procps rsync; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ "${#need[@]}" -gt 0 ]; then
