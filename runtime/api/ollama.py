@@ -423,33 +423,8 @@ class _ToolSetup:
 
 def _tool_setup(body: ChatBody) -> _ToolSetup:
     setup = _ToolSetup()
-    specs = []
-    for i, t in enumerate(body.tools or []):
-        where = f"tools[{i}]"
-        if not isinstance(t, dict) or t.get("type", "function") != "function":
-            raise bad_request(f"{where}.type: only function tools are supported", where)
-        fn = t.get("function")
-        if not isinstance(fn, dict):
-            raise bad_request(f"{where}.function: required (an object)", f"{where}.function")
-        name = fn.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{where}.function.name: required", f"{where}.function.name")
-        params = fn.get("parameters")
-        if params is None:
-            params = {"type": "object", "properties": {}}
-        if not isinstance(params, dict):
-            raise bad_request(f"{where}.function.parameters: must be a JSON schema object",
-                              f"{where}.function.parameters")
-        desc = fn.get("description") or ""
-        if not isinstance(desc, str):
-            raise bad_request(f"{where}.function.description: must be a string",
-                              f"{where}.function.description")
-        if isinstance(params.get("properties"), dict) and "additionalProperties" not in params:
-            params = {**params, "additionalProperties": False}  # the declared arguments only
-        specs.append((name, desc, params))
-    names = [s[0] for s in specs]
-    if len(set(names)) != len(names):
-        raise bad_request("tools: function names must be unique", "tools")
+    tools = _tools_module().function_tools(body.tools, close_objects=True)  # SDKs strip the bounds
+    names = [t.name for t in tools]
 
     tc = body.tool_choice
     if tc is None and isinstance(body.options, dict):
@@ -471,9 +446,7 @@ def _tool_setup(body: ChatBody) -> _ToolSetup:
     if choice != "auto" and choice != "none" and not names:
         raise bad_request("tool_choice: requires tools", "tool_choice")
     setup.choice = choice
-    if specs:
-        T = _tools_module().Tool
-        setup.tools = [T(name=n, description=d, parameters=p) for n, d, p in specs]
+    setup.tools = tools
     return setup
 
 

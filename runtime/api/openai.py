@@ -43,7 +43,7 @@ from .errors import APIError, bad_request, internal
 from .generation import Collected, Generation, Serving, cancel_on_disconnect, new_id
 from .prompt import check_token_ids, encode_text, normalize_messages, render_chat
 from .sse import DONE, EventStreamResponse, sse_data
-from .tools import Tool, ToolCall, ToolCallStream, forced_grammar, template_tools
+from .tools import Tool, ToolCall, ToolCallStream, forced_grammar, function_tools, template_tools
 
 log = logging.getLogger("exolaunch.api")
 
@@ -221,38 +221,6 @@ async def _respond(request: Request, gen: Generation, body: _Common,
 # ------------------------------------------------------------------------------------------------
 
 
-def _tools(raw: list[dict[str, Any]] | None) -> list[Tool]:
-    out: list[Tool] = []
-    for i, t in enumerate(raw or []):
-        where = f"tools[{i}]"
-        if not isinstance(t, dict):
-            raise bad_request(f"{where}: expected an object", where)
-        if t.get("type", "function") != "function":
-            raise bad_request(f"{where}.type: only function tools are supported, got {t.get('type')!r}",
-                              f"{where}.type")
-        fn = t.get("function")
-        if not isinstance(fn, dict):
-            raise bad_request(f"{where}.function: required (an object with a name)", f"{where}.function")
-        name = fn.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{where}.function.name: required", f"{where}.function.name")
-        params = fn.get("parameters")
-        if params is None:
-            params = {"type": "object", "properties": {}}
-        if not isinstance(params, dict):
-            raise bad_request(f"{where}.function.parameters: must be a JSON schema object",
-                              f"{where}.function.parameters")
-        desc = fn.get("description") or ""
-        if not isinstance(desc, str):
-            raise bad_request(f"{where}.function.description: must be a string",
-                              f"{where}.function.description")
-        out.append(Tool(name=name, description=desc, parameters=params))
-    names = [t.name for t in out]
-    if len(set(names)) != len(names):
-        raise bad_request("tools: function names must be unique", "tools")
-    return out
-
-
 def _tool_choice(raw: Any, tools: list[Tool]) -> Any:
     """"auto" | "none" | "required" | {"name": ...}."""
     if raw is None:
@@ -329,7 +297,7 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", "top_logprobs")
     messages = normalize_messages([m.model_dump() for m in body.messages])
-    tools = _tools(body.tools)
+    tools = function_tools(body.tools)
     choice = _tool_choice(body.tool_choice, tools)
     grammar = _response_format(body.response_format)
     tok = serving.tokenizer

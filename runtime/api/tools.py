@@ -34,6 +34,8 @@ from typing import Any, Union
 
 from runtime.constrain import JSON_DEFAULTS, UnsupportedGrammar
 
+from .errors import bad_request
+
 __all__ = ["Tool", "ToolCall", "template_tools", "forced_grammar", "ToolCallStream",
            "tool_call_message", "tool_result_message", "new_call_id", "markers"]
 
@@ -386,3 +388,40 @@ def tool_result_message(call_id: str, content: str, name: str | None = None) -> 
 
 
 ToolItem = Union[str, ToolCall]
+
+
+def function_tools(raw: list | None, *, close_objects: bool = False) -> list[Tool]:
+    """OpenAI-format function tools (also Ollama's), validated: 400s name the field.
+    close_objects: declared properties only (additionalProperties false) unless the schema
+    says otherwise, for clients that strip the constraints that keep weak models on track."""
+    out: list[Tool] = []
+    for i, t in enumerate(raw or []):
+        where = f"tools[{i}]"
+        if not isinstance(t, dict):
+            raise bad_request(f"{where}: expected an object", where)
+        if t.get("type", "function") != "function":
+            raise bad_request(f"{where}.type: only function tools are supported, got {t.get('type')!r}",
+                              f"{where}.type")
+        fn = t.get("function")
+        if not isinstance(fn, dict):
+            raise bad_request(f"{where}.function: required (an object with a name)", f"{where}.function")
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad_request(f"{where}.function.name: required", f"{where}.function.name")
+        params = fn.get("parameters")
+        if params is None:
+            params = {"type": "object", "properties": {}}
+        if not isinstance(params, dict):
+            raise bad_request(f"{where}.function.parameters: must be a JSON schema object",
+                              f"{where}.function.parameters")
+        desc = fn.get("description") or ""
+        if not isinstance(desc, str):
+            raise bad_request(f"{where}.function.description: must be a string",
+                              f"{where}.function.description")
+        if close_objects and isinstance(params.get("properties"), dict) and "additionalProperties" not in params:
+            params = {**params, "additionalProperties": False}
+        out.append(Tool(name=name, description=desc, parameters=params))
+    names = [t.name for t in out]
+    if len(set(names)) != len(names):
+        raise bad_request("tools: function names must be unique", "tools")
+    return out
