@@ -128,6 +128,10 @@ def serve(args) -> int:
     server.stop()
     if leader is not None:
         leader.close()
+    if stop.is_set():
+        # Teardown SIGTERMs every rank at once, so peers often vanish first: not an error here.
+        sys.stdout.flush()
+        os._exit(0)
     if failed or loop.is_alive():
         print(f"error: {failed or 'the engine did not stop'}", file=sys.stderr, flush=True)
         sys.stdout.flush()
