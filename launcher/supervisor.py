@@ -142,6 +142,23 @@ def _signal_name(sig: int) -> str:
         return f"signal {sig}"
 
 
+def _sweep_stale_workdirs() -> None:
+    """Remove job dirs whose exolaunch died without cleaning up (SIGKILL): the pid in the name
+    is gone. Another user's or a live job's dir is left alone."""
+    for d in Path("/tmp").glob("exl-*-*"):
+        pid = d.name.split("-")[1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+            continue  # its owner is alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # someone else's live process
+        shutil.rmtree(d, ignore_errors=True)
+
+
 class Supervisor:
     def __init__(self, launch: LaunchSpec, opts: Options | None = None):
         self.launch = launch
@@ -155,7 +172,9 @@ class Supervisor:
         self.all_ready = False
         self.at_bol: dict[tuple[int, int], bool] = {}
         self.logs: dict[int, object] = {}
-        self.workdir = Path(tempfile.mkdtemp(prefix="exl-", dir="/tmp"))
+        _sweep_stale_workdirs()
+        # /tmp keeps ssh ControlPath short (104-byte socket paths on macOS).
+        self.workdir = Path(tempfile.mkdtemp(prefix=f"exl-{os.getpid()}-", dir="/tmp"))
 
     # -- output ------------------------------------------------------------------------
     def say(self, msg: str) -> None:

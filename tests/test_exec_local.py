@@ -93,6 +93,12 @@ def test_exolaunch_killed_with_sigkill_leaves_no_rank():
     p.kill()
     p.wait(timeout=10)
     assert_no_leftovers(tok, timeout=10)  # the agents notice their stdin closing
+    # Its job dir could not be removed by a SIGKILLed exolaunch; the next run sweeps it.
+    import glob
+
+    assert glob.glob(f"/tmp/exl-{p.pid}-*")
+    assert run("exec", "--", "true").returncode == 0
+    assert not glob.glob(f"/tmp/exl-{p.pid}-*")
 
 
 def test_frozen_rank_detected():
