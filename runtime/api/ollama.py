@@ -407,22 +407,8 @@ def _load_response(model: str, body: _Gen, key: str, empty: Any) -> JSONResponse
 # ------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _ToolSetup:
-    tools: list[Any] = field(default_factory=list)  # tools.Tool
-    choice: Any = "auto"  # "auto" | "none" | "required" | {"name": fn}
-
-    @property
-    def active(self) -> bool:
-        return bool(self.tools) and self.choice != "none"
-
-    @property
-    def forced(self) -> bool:
-        return self.active and self.choice != "auto"
-
-
-def _tool_setup(body: ChatBody) -> _ToolSetup:
-    setup = _ToolSetup()
+def _tool_setup(body: ChatBody):
+    setup = _tools_module().ToolSetup()
     tools = _tools_module().function_tools(body.tools, close_objects=True)  # SDKs strip the bounds
     names = [t.name for t in tools]
 
@@ -529,7 +515,7 @@ def _call_json(call: Any, index: int) -> dict[str, Any]:
 class _Splitter:
     """Text -> (content, tool calls) when tools are active; plain text otherwise."""
 
-    def __init__(self, serving: Serving, setup: "_ToolSetup"):
+    def __init__(self, serving: Serving, setup: Any):
         self.stream = _tools_module().ToolCallStream(serving.tokenizer, setup.tools) \
             if setup.active else None
 

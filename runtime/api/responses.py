@@ -198,19 +198,11 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
 
 
 @dataclass
-class ToolSetup:
-    tools: list[Any] = field(default_factory=list)  # tools.Tool
-    choice: Any = "auto"  # "auto" | "none" | "required" | {"name": fn}
+class ToolSetup(toolkit.ToolSetup):
+    """Plus what the response object echoes back."""
+
     echo_tools: list[dict[str, Any]] = field(default_factory=list)
     echo_choice: Any = "auto"
-
-    @property
-    def active(self) -> bool:
-        return bool(self.tools) and self.choice != "none"
-
-    @property
-    def forced(self) -> bool:
-        return self.active and self.choice != "auto"
 
 
 def tool_setup(body: ResponsesRequest) -> ToolSetup:

@@ -425,3 +425,19 @@ def function_tools(raw: list | None, *, close_objects: bool = False) -> list[Too
     if len(set(names)) != len(names):
         raise bad_request("tools: function names must be unique", "tools")
     return out
+
+
+@dataclass
+class ToolSetup:
+    """A request's tools and tool choice, as every dialect needs them."""
+
+    tools: list[Tool] = field(default_factory=list)
+    choice: Any = "auto"  # "auto" | "none" | "required" | {"name": fn}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.tools) and self.choice != "none"
+
+    @property
+    def forced(self) -> bool:
+        return self.active and self.choice != "auto"
