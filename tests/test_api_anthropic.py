@@ -5,7 +5,6 @@ port. A small fake engine covers the failure paths (mid-stream failure, not read
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
@@ -14,8 +13,8 @@ import pytest
 
 anthropic = pytest.importorskip("anthropic")
 
+from tests.fake_engine import FakeEngine
 from runtime.api import start_server  # noqa: E402
-from runtime.requests import FinishEvent, RequestHandle, TokenEvent  # noqa: E402
 
 MODEL = "demo-llama"
 KEY = "sk-ant-test-9d2e"
@@ -431,46 +430,6 @@ def test_auth(engine):
 # ------------------------------------------------------------------------------------------------
 # failure paths, with a fake engine that keeps the Engine contract
 # ------------------------------------------------------------------------------------------------
-
-
-class FakeTokenizer:
-    has_chat_template = True
-    bos_token_id = None
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, **kw):
-        return [1] * (2 + len(messages))
-
-    def encode(self, text, **kw):
-        return [1] * max(1, len(text.split()))
-
-    def decode(self, ids):
-        return "x" * len(ids)
-
-
-class FakeEngine:
-    """Two tokens, then the engine fails (pushing an error FinishEvent)."""
-
-    model_id = "fake"
-    context_length = 100
-
-    def __init__(self, ready=True):
-        self.tokenizer = FakeTokenizer()
-        self.ready = ready
-        self.failed = None
-
-    def submit(self, req, loop=None):
-        h = RequestHandle(req, loop)
-
-        def run():
-            for i in range(2):
-                time.sleep(0.05)
-                h.push(TokenEvent(1, f"t{i} "))
-            time.sleep(0.05)
-            self.failed = "rank 1 stopped: its process ended"
-            h.push(FinishEvent("error", 3, 2, error=self.failed))
-
-        threading.Thread(target=run, daemon=True).start()
-        return h
 
 
 def test_engine_failure_mid_stream_and_not_ready():

@@ -5,16 +5,14 @@ covers a failure mid-stream."""
 from __future__ import annotations
 
 import json
-import threading
-import time
 
 import httpx
 import jsonschema
 import ollama
 import pytest
 
+from tests.fake_engine import FakeEngine
 from runtime.api import start_server
-from runtime.requests import FinishEvent, RequestHandle, TokenEvent
 
 MODEL = "demo-llama"
 KEY = "sk-test-ollama-51c0"
@@ -386,57 +384,6 @@ def test_auth(engine):
 # ------------------------------------------------------------------------------------------------
 # an engine that fails mid-stream
 # ------------------------------------------------------------------------------------------------
-
-
-class FakeTokenizer:
-    has_chat_template = True
-    bos_token_id = None
-    chat_template = "{{ messages }}"
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, **kw):
-        return [1] * (2 + len(messages))
-
-    def encode(self, text):
-        return [1] * max(1, len(text.split()))
-
-    def decode(self, ids):
-        return "x" * len(ids)
-
-    def convert_ids_to_tokens(self, i):
-        return "x"
-
-    def get_added_vocab(self):
-        return {}
-
-
-class FakeEngine:
-    model_id = "fake"
-    context_length = 100
-    created = 1
-
-    def __init__(self):
-        self.tokenizer = FakeTokenizer()
-        self.model_path = "/nonexistent/fake"
-        self.ready = True
-        self.failed = None
-
-    def submit(self, req, loop=None):
-        if self.failed:
-            from runtime.engine import EngineFailed
-
-            raise EngineFailed(self.failed)
-        h = RequestHandle(req, loop)
-
-        def run():
-            for i in range(2):
-                time.sleep(0.05)
-                h.push(TokenEvent(1, f"t{i} "))
-            time.sleep(0.05)
-            self.failed = "rank 1 stopped: its process ended"
-            h.push(FinishEvent("error", 3, 2, error=self.failed))
-
-        threading.Thread(target=run, daemon=True).start()
-        return h
 
 
 def test_engine_failure_mid_stream():

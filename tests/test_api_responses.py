@@ -7,7 +7,6 @@ mid-stream."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
@@ -16,8 +15,8 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
+from tests.fake_engine import FakeEngine
 from runtime.api import start_server
-from runtime.requests import FinishEvent, RequestHandle, TokenEvent
 
 MODEL = "demo-llama"
 KEY = "sk-test-resp-9a2e"
@@ -465,50 +464,6 @@ def test_auth(engine):
 # ------------------------------------------------------------------------------------------------
 # engine failure, with a fake engine
 # ------------------------------------------------------------------------------------------------
-
-
-class FakeTokenizer:
-    has_chat_template = True
-    bos_token_id = None
-
-    def apply_chat_template(self, messages, add_generation_prompt=True, **kw):
-        return [1] * (2 + len(messages))
-
-    def encode(self, text):
-        return [1] * max(1, len(text.split()))
-
-    def decode(self, ids):
-        return "x" * len(ids)
-
-
-class FakeEngine:
-    """Two tokens, then the engine fails (an error FinishEvent)."""
-
-    model_id = "fake"
-    context_length = 100
-    created = 1
-
-    def __init__(self):
-        self.tokenizer = FakeTokenizer()
-        self.ready = True
-        self.failed = None
-
-    def submit(self, req, loop=None):
-        if self.failed:
-            from runtime.engine import EngineFailed
-
-            raise EngineFailed(self.failed)
-        h = RequestHandle(req, loop)
-
-        def run():
-            for i in range(2):
-                time.sleep(0.05)
-                h.push(TokenEvent(1, f"t{i} "))
-            self.failed = "rank 1 stopped: its process ended"
-            h.push(FinishEvent("error", 3, 2, error=self.failed))
-
-        threading.Thread(target=run, daemon=True).start()
-        return h
 
 
 def test_engine_failure_mid_stream():
