@@ -90,7 +90,7 @@ def _status_of(wait_status: int) -> tuple[int, int | None]:
     return os.WEXITSTATUS(wait_status), None
 
 
-def die_with_parent() -> None:
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """In a child before exec (Linux): SIGKILL it when its parent dies, even by SIGKILL, so a
     rank never outlives its agent (nor mpirun its supervisor). macOS has no equivalent;
     there the stdin-EOF and EPIPE paths cover every ending but a SIGKILL of the parent."""
@@ -98,7 +98,7 @@ def die_with_parent() -> None:
 
     PR_SET_PDEATHSIG = 1
     try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig)
     except (OSError, AttributeError):
         pass
 

@@ -278,4 +278,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 # Subcommands that live in their own modules register themselves on `app`.
-from launcher import cli_doctor, cli_plan, cli_pull  # noqa: E402,F401
+from launcher import cli_batch, cli_bench, cli_doctor, cli_plan, cli_pull  # noqa: E402,F401

@@ -1,0 +1,1 @@
+"""`exolaunch batch`: a file of OpenAI batch requests through the cluster, resumable."""

@@ -1,0 +1,3 @@
+"""`exolaunch batch` (registered on the main app)."""
+
+from launcher.cli import app  # noqa: F401
