@@ -52,6 +52,13 @@ def ssh_cluster_factory():
             c.stop()
 
 
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory):
+    """An EXOLAUNCH_CACHE shared by every test that launches a cluster (demo models are
+    generated once per session)."""
+    return tmp_path_factory.mktemp("models")
+
+
 # -- API tests: a 1-rank engine in this process, served on a free loopback port ------------------
 
 API_MODEL = "demo-llama"

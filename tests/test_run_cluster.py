@@ -23,11 +23,6 @@ pytestmark = pytest.mark.slow
 PROMPTS = ["The cluster of Macs", "def fibonacci(n):", '{"name": "exolaunch", "ranks": ']
 
 
-@pytest.fixture(scope="session")
-def model_cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("models")
-
-
 def greedy_outputs(base_url: str, model: str) -> list[tuple[str, list]]:
     client = openai.OpenAI(base_url=base_url, api_key="none", max_retries=0, timeout=60)
     outs = []
