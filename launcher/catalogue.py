@@ -12,8 +12,12 @@ disk come from the safetensors index's metadata.total_size when there is one.
 
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import json
 import math
+import re
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -215,21 +219,29 @@ def count_params(cfg: dict) -> tuple[float, float]:
 
 
 def _model_sharding(model_type: str) -> tuple[str, ...]:
-    """Ask the installed mlx-lm which sharding the architecture implements."""
+    """Ask the installed mlx-lm which sharding the architecture implements, by reading its
+    source: importing mlx_lm pulls in transformers (~1.5 s), which every `run` would pay."""
     try:
-        import importlib
-
-        from mlx_lm.utils import MODEL_REMAPPING
-
-        mod = importlib.import_module(f"mlx_lm.models.{MODEL_REMAPPING.get(model_type, model_type)}")
+        root = Path(importlib.util.find_spec("mlx_lm").origin).parent
+        src = (root / "models" / f"{_mlx_lm_remapping(root).get(model_type, model_type)}.py").read_text()
         out = []
-        if hasattr(mod.Model, "shard"):
+        if re.search(r"^    def shard\(", src, re.M):
             out.append("tensor")
-        if "PipelineMixin" in Path(mod.__file__).read_text():
+        if "PipelineMixin" in src:
             out.append("pipeline")
         return tuple(out)
     except Exception:
         return _KNOWN_SHARDING.get(model_type, ("tensor", "pipeline"))
+
+
+@functools.lru_cache(maxsize=None)
+def _mlx_lm_remapping(root: Path) -> dict:
+    """mlx_lm.utils.MODEL_REMAPPING (model_type aliases), read from the file."""
+    tree = ast.parse((root / "utils.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "MODEL_REMAPPING" for t in node.targets):
+            return ast.literal_eval(node.value)
+    return {}
 
 
 def card_from_config(cfg: dict, *, name: str, repo: str | None = None, path: str | None = None,

@@ -10,6 +10,7 @@ EXOLAUNCH_CONTROL (rank 0's ip:port for the control channel), EXOLAUNCH_API_KEY 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -57,6 +58,11 @@ def serve(args) -> int:
     t0 = time.monotonic()
     group = init_group()
     rank, world = group.rank(), group.size()
+    if rank == 0 and args.cmd == "serve":
+        # FastAPI and uvicorn take ~0.5 s to import; do it while the weights load (mlx
+        # releases the GIL there) instead of after, since it is on the launch-to-first-token path.
+        threading.Thread(target=importlib.import_module, args=("runtime.api.server",), daemon=True,
+                         name="exolaunch-import-api").start()
     try:
         say(rank, f"resolving {args.model}")
         path, model_id = resolve(args.model)

@@ -175,3 +175,10 @@ def test_killed_sweep_resumes_where_it_stopped(tmp_path, model_cache):
     again = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert again.returncode == 0 and "already in" in again.stderr
     assert len(records.load(out / "results.jsonl")) == 6
+
+
+def test_shipped_sweeps_are_valid():
+    files = sorted((ROOT / "configs" / "sweeps").glob("*.yaml"))
+    assert files
+    for f in files:
+        assert load_sweep(f, {}).size() > 0, f
