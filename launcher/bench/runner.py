@@ -208,10 +208,12 @@ class Runner:
         if os.environ.get("EXOLAUNCH_CACHE"):
             env["EXOLAUNCH_CACHE"] = os.environ["EXOLAUNCH_CACHE"]
         if server == "exolaunch":
+            if self.target.api_key:  # run reads it from the environment: never on a command line
+                env["EXOLAUNCH_API_KEY"] = self.target.api_key
             c = ServedCluster(model, RunOptions(
                 hostfile=self.target.hostfile_path, topology=self.target.topology_path, np=ranks, backend=backend,
-                sharding=sharding, port=_free_port(), data_port=_free_port() + 1, env=env, ready_timeout=self.target.ready_timeout,
-                extra=("--api-key", self.target.api_key) if self.target.api_key else ()),
+                sharding=sharding, port=_free_port(), data_port=_free_port() + 1, env=env,
+                ready_timeout=self.target.ready_timeout),
                 log=self.out / "cluster.log", echo=self.echo)
             c.model_name = model
             c.rank_cmd_marker = "runtime serve"
