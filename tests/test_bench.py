@@ -182,3 +182,25 @@ def test_shipped_sweeps_are_valid():
     assert files
     for f in files:
         assert load_sweep(f, {}).size() > 0, f
+
+
+@pytest.mark.slow
+def test_against_mlx_lm_puts_both_servers_and_ratios_in_the_table(tmp_path, model_cache):
+    out = tmp_path / "out"
+    env = env_for_tests(EXOLAUNCH_CACHE=str(model_cache))
+    r = subprocess.run(_bench_argv(out, "--ranks", "2", "--backend", "mpi", "--concurrency", "2", "--repeats", "1",
+                                   "--against", "mlx-lm"),
+                       capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = records.load(out / "results.jsonl")
+    assert sorted(x["server"] for x in recs) == ["exolaunch", "mlx-lm"] and all(x["ok"] for x in recs)
+    assert recs[0]["point"] == recs[1]["point"]
+    for x in recs:  # the same exact-length prompts and full-length generations on both
+        assert x["metrics"]["prompt_tokens_seen"] == 16 and x["metrics"]["tokens_generated"] == 16
+        assert len(x["metrics"]["idle_cpu_pct"]) == 2 and x["metrics"]["launch_to_first_token_s"] > 0
+    rows = {row["server"]: row for row in csv.DictReader(open(out / "summary.csv"))}
+    ours, anchor = rows["exolaunch"], rows["mlx-lm"]
+    assert float(ours["aggregate_ratio"]) == pytest.approx(
+        float(ours["aggregate_tok_s"]) / float(anchor["aggregate_tok_s"]), rel=1e-3)
+    assert "mlx-lm (anchor)" in r.stdout
+    _no_ranks_left()

@@ -24,6 +24,7 @@ TAG_VAR = "EXOLAUNCH_BENCH_TAG"
 _RANK_STATS = r"""
 import json, os, subprocess, sys
 tag, marker = sys.argv[1], sys.argv[2]
+_NOT_RANKS = ("launcher.agent", "mpirun", "prterun", "orted", "mlx.launch", "launcher.bench.anchor")
 out = []
 if os.path.isdir("/proc/self"):
     tick = os.sysconf("SC_CLK_TCK")
@@ -36,7 +37,7 @@ if os.path.isdir("/proc/self"):
                     continue
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
-            if marker not in cmd or "launcher.agent" in cmd:
+            if marker not in cmd or any(x in cmd for x in _NOT_RANKS):
                 continue
             with open(f"/proc/{pid}/stat") as f:
                 st = f.read().rsplit(")", 1)[1].split()
@@ -49,7 +50,8 @@ if os.path.isdir("/proc/self"):
 else:
     ps = subprocess.run(["ps", "-axww", "-E", "-o", "pid=,rss=,time=,command="], capture_output=True, text=True).stdout
     for line in ps.splitlines():
-        if tag not in line.split() or marker not in line or line.split()[0] == str(os.getpid()) or "launcher.agent" in line:
+        if tag not in line.split() or marker not in line or line.split()[0] == str(os.getpid()) \
+                or any(x in line.split(tag)[0] for x in _NOT_RANKS):
             continue
         pid, rss, cpu = line.split()[:3]
         parts = [float(x) for x in cpu.replace("-", ":").split(":")]

@@ -280,7 +280,7 @@ _TEXT_COLUMNS = {"model", "hosts", "backend", "sharding", "prompt / gen tok", "s
 _HOW_TO_READ = (
     "How to read: each row is one sweep point on one server; rates and latencies are medians over "
     "the ok repeats (latency percentiles are per run, over its requests). "
-    "Ratios are exolaunch / anchor (mlx-lm via mlx.launch) at the same point: "
+    "Ratios are exolaunch / anchor (mlx_lm.server started by mpirun for mpi, mlx.launch for ring) at the same point: "
     ">1 is better for tok/s (decode, aggregate), <1 is better for TTFT and launch time. "
     "Peak MB is the largest rank's peak RSS; idle %core is the busiest rank's CPU use while idle "
     "(% of one core); % roofline is aggregate decode rate / memory-bandwidth ceiling. "

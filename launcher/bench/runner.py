@@ -151,6 +151,9 @@ class Runner:
             return self._fail_all(cl, server, todo, env, f"model: {e}")
         tag = "exl" + uuid.uuid4().hex[:12]
         cluster = self._make_cluster(server, model, model_dir, ranks, backend, sharding, tag)
+        if server != "exolaunch":
+            self._variant += 1
+            cluster.ready_prompt = measure.exact_text_prompt(tokenizer, 32, self._variant)
         suppress = ({"ignore_eos": True} if server == "exolaunch"
                     else {"logit_bias": {str(i): -1000.0 for i in eos_ids(model_dir, tokenizer)}})
         rank_hosts = self._rank_hosts(ranks)
@@ -172,8 +175,11 @@ class Runner:
             launch_ftt = None
             try:
                 self._show(0, f"warming up {label}")
-                first = measure.first_token_at(cluster.base_url, body(32, 8), api_key=self.target.api_key)
-                launch_ftt = first - cluster.started_at
+                if server == "exolaunch":
+                    first = measure.first_token_at(cluster.base_url, body(32, 8), api_key=self.target.api_key)
+                    launch_ftt = first - cluster.started_at
+                else:  # its ready probe was this very request, queued as soon as its HTTP answered
+                    launch_ftt = cluster.ready_at - cluster.started_at
                 for _ in range(max(0, self.sweep.warmup - 1)):
                     measure.run_burst(cluster.base_url, [body(32, 8)], api_key=self.target.api_key)
                 idle = monitor.idle_cpu(self.sweep.idle_seconds) if self.sweep.idle_seconds else []
@@ -221,7 +227,7 @@ class Runner:
         from launcher.bench.anchor import AnchorCluster
 
         return AnchorCluster(model_dir, self.target.hostfile, np=ranks, backend=backend, sharding=sharding,
-                             port=_free_port(), data_port=_free_port() + 1, env=env, log=self.out / "anchor.log",
+                             port=_free_port(), env=env, log=self.out / "anchor.log",
                              ready_timeout=self.target.ready_timeout, echo=self.echo)
 
     def _roofline(self, model_dir, rank_hosts, sharding, bw, prompt, gen, conc, m) -> Optional[dict]:
