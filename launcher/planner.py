@@ -309,10 +309,15 @@ def split_layers(layers: int, weights: list[float]) -> list[int]:
     return out
 
 
+def _head_split(card: ModelCard, t: int) -> bool:
+    """exolaunch splits an untied lm_head by vocabulary over the tensor group when it divides."""
+    return t > 1 and not card.tie_embeddings and card.head_bytes > 0 and card.vocab_size % t == 0
+
+
 def _memory(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[str, HostInfo],
             context: int, batch: int) -> None:
     t = layout.tensor_size
-    rep = card.replicated_bytes
+    rep = min(card.embed_bytes + card.head_bytes / (t if _head_split(card, t) else 1), card.disk_bytes)
     kv_tok = card.kv_bytes_per_token(t if not _tp_problem(card, t) else 1, context)
     start = 0
     plans: list[RankPlan] = []
@@ -377,8 +382,8 @@ def _estimate(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[st
             name = ranks[r].host.name
             bw = infos[name].bandwidth_gbs * 1e9 * EFFICIENCY / max(used.get(name, 1), 1)
             read = card.layer_bytes * n_layers * frac / t + kv_tok * est_context * batch * n_layers / card.layers
-            if last:  # mlx-lm does not shard lm_head: every rank of the last stage reads all of it
-                read += head
+            if last:  # the head: split across the TP group when untied (runtime.loader.GatheredHead)
+                read += head / (t if _head_split(card, t) else 1)
             worst = max(worst, read / bw)
         total += worst + n_layers * LAYER_OVERHEAD_US * 1e-6
         if t > 1:
