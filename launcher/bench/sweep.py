@@ -41,6 +41,13 @@ def _positive(vs: list[int]) -> list[int]:
     return vs
 
 
+def _members(vs: list[str], allowed: tuple, what: str) -> list[str]:
+    bad = [v for v in vs if v not in allowed]
+    if bad:
+        raise ValueError(f"unknown {what} {bad[0]!r}; expected {', '.join(allowed)}")
+    return vs
+
+
 class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -59,29 +66,9 @@ class Sweep(BaseModel):
 
     _ints = field_validator("ranks", "prompt_tokens", "gen_tokens", "concurrency")(_positive)
 
-    @field_validator("backends")
-    @classmethod
-    def _backends(cls, vs):
-        bad = [v for v in vs if v not in BACKENDS]
-        if bad:
-            raise ValueError(f"unknown backend {bad[0]!r}; expected {', '.join(BACKENDS)}")
-        return vs
-
-    @field_validator("shardings")
-    @classmethod
-    def _shardings(cls, vs):
-        bad = [v for v in vs if v not in SHARDINGS]
-        if bad:
-            raise ValueError(f"unknown sharding {bad[0]!r}; expected tensor or pipeline")
-        return vs
-
-    @field_validator("against")
-    @classmethod
-    def _against(cls, vs):
-        bad = [v for v in vs if v not in ANCHORS]
-        if bad:
-            raise ValueError(f"unknown anchor {bad[0]!r}; expected mlx-lm")
-        return vs
+    _backends = field_validator("backends")(lambda vs: _members(vs, BACKENDS, "backend"))
+    _shardings = field_validator("shardings")(lambda vs: _members(vs, SHARDINGS, "sharding"))
+    _against = field_validator("against")(lambda vs: _members(vs, ANCHORS, "anchor"))
 
     def clusters(self) -> Iterator[tuple[str, int, str, str]]:
         """(model, ranks, backend, sharding): what needs a cluster of its own."""
