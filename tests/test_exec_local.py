@@ -9,12 +9,13 @@ import time
 import pytest
 
 from tests.launch_helpers import (
-    RANKPROG, assert_no_leftovers, run, start, token, wait_for_output,
+    RANKPROG, assert_no_leftovers, free_port, run, start, token, wait_for_output,
 )
 
 
 def test_selftest_two_local_ranks_ring():
-    r = run("exec", "--", "python", "-m", "runtime.selftest", "--size", "4096")
+    # A free port rather than the default: an earlier test's connections may still hold it.
+    r = run("exec", "--port", str(free_port()), "--", "python", "-m", "runtime.selftest", "--size", "4096")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert sorted(line.split()[0] for line in lines) == ["[0@local]", "[1@local]"]

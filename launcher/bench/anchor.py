@@ -293,6 +293,7 @@ class AnchorCluster:
         # The probe is a 1-token completion of this prompt, queued as soon as HTTP answers, so
         # ready_at - started_at is launch to first token for it (the bench sets its own prompt).
         self.ready_prompt = "ready?"
+        self._retried = False
         self.argv: list[str] = []
         self.tail: collections.deque[str] = collections.deque(maxlen=80)
         self.proc: subprocess.Popen | None = None
@@ -378,11 +379,24 @@ class AnchorCluster:
             self._wait_ready()
         except LaunchError:
             self.stop()
+            if self._silent_early_exit() and not self._retried:
+                # OpenMPI 4.1.4 here, late in long test runs that SIGKILLed earlier jobs, now and
+                # then exits 1 at start-up without a word; a second start has always worked.
+                self._retried = True
+                if self._logf:
+                    self._logf.write("# the launcher exited at once without output; starting it again\n")
+                self.proc, self._pump = None, None
+                self.tail.clear()
+                return self.start()
             raise
         except BaseException:  # KeyboardInterrupt and the like: never leave the ranks behind
             self.stop()
             raise
         return self
+
+    def _silent_early_exit(self) -> bool:
+        return (self.proc is not None and self.proc.returncode == 1 and not "".join(self.tail).strip()
+                and time.perf_counter() - self.started_at < 10)
 
     def _read_output(self) -> None:
         for raw in self.proc.stdout:
