@@ -88,7 +88,7 @@ class Channel:
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})},
+            env=mpi_backend.mpirun_env({**os.environ, **(env or {})}) if not framed else {**os.environ, **(env or {})},
             start_new_session=True,  # Ctrl-C reaches exolaunch only; we tear down in order
             # mpirun does not notice its parent dying; ssh and agents do (stdin EOF).
             preexec_fn=die_with_parent if (not framed and sys.platform == "linux") else None,

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tests.launch_helpers import (
-    RANKPROG, assert_no_leftovers, free_port, run, start, token, wait_for_output,
+    RANKPROG, assert_no_leftovers, env_for_tests, free_port, run, start, token, wait_for_output,
 )
 
 
@@ -271,3 +271,31 @@ def test_jaccl_missing_pair_refused(tmp_path):
     r = run("--hostfile", str(hf), "exec", "--dry-run", "--", "true")
     assert r.returncode == 2
     assert "missing: c -> b." in r.stderr
+
+
+SINGLETON_ENV = r"""
+import json, subprocess
+import mlx.core as mx
+mx.distributed.init(backend="mpi")  # MPI_Init without mpirun: a singleton that edits its environ
+print(json.dumps(dict(l.split("=", 1) for l in subprocess.run(["env"], capture_output=True, text=True)
+                      .stdout.splitlines() if "=" in l)))
+"""
+
+
+def test_mpi_job_started_from_an_mpi_singletons_environment():
+    # A process that initialised MPI on its own (an in-process engine, a notebook) leaves
+    # PMIX_* / OMPI_MCA_* job variables to its children; mpirun started with them exits 1 silently.
+    import json
+    import subprocess
+    import sys
+
+    from launcher.backends.mpi import mpirun_env
+
+    polluted = json.loads(subprocess.run([sys.executable, "-c", SINGLETON_ENV], capture_output=True, text=True,
+                                         env=env_for_tests(), timeout=60).stdout)
+    assert any(k.startswith("PMIX_") for k in polluted), "this MPI does not mark singletons; nothing to test"
+    assert not any(k.startswith("PMIX_") for k in mpirun_env(polluted))
+    r = run("exec", "-n", "2", "--backend", "mpi", "--", "python", "-c", "print('hello')",
+            env={**env_for_tests(), **polluted})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("hello") == 2

@@ -20,6 +20,19 @@ from pathlib import Path
 from launcher.errors import ConfigError
 
 
+# What an MPI singleton (a process that called MPI_Init without mpirun, e.g. mx.distributed
+# with one rank) writes into its environment. A child that inherits these and runs mpirun
+# looks to it like a rank of a running job, and mpirun exits 1 without a word.
+_SINGLETON_PREFIXES = ("PMIX_", "OMPI_MCA_orte_", "OMPI_COMM_WORLD_")
+_SINGLETON_KEYS = ("OMPI_MCA_ess", "OMPI_MCA_pmix", "OMPI_APP_CTX_NUM_PROCS", "ORTE_SCHIZO_DETECTION",
+                   "OMPI_UNIVERSE_SIZE", "OMPI_FILE_LOCATION", "OMPI_FIRST_RANKS")
+
+
+def mpirun_env(env: dict) -> dict:
+    """env without an MPI singleton's job variables, for starting mpirun."""
+    return {k: v for k, v in env.items() if k not in _SINGLETON_KEYS and not k.startswith(_SINGLETON_PREFIXES)}
+
+
 def configure(specs, hostfile, **_) -> None:
     libname = mpi_libname()
     for s in specs:

@@ -52,6 +52,7 @@ import threading
 import time
 from pathlib import Path
 
+from launcher.backends.mpi import mpirun_env
 from launcher.errors import ConfigError, LaunchError
 
 RANK_MARKER = "mlx_lm.server"
@@ -293,7 +294,6 @@ class AnchorCluster:
         # The probe is a 1-token completion of this prompt, queued as soon as HTTP answers, so
         # ready_at - started_at is launch to first token for it (the bench sets its own prompt).
         self.ready_prompt = "ready?"
-        self._retried = False
         self.argv: list[str] = []
         self.tail: collections.deque[str] = collections.deque(maxlen=80)
         self.proc: subprocess.Popen | None = None
@@ -353,7 +353,7 @@ class AnchorCluster:
             shutil.rmtree(self._workdir, ignore_errors=True)
             raise
         self.argv = argv
-        spec = {"argv": argv, "env": {**os.environ, **launcher_env}, "grace": self.grace,
+        spec = {"argv": argv, "env": mpirun_env({**os.environ, **launcher_env}), "grace": self.grace,
                 "workdir": str(self._workdir), "cwd": cwd or os.getcwd()}
         if self.log_path:
             self.log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -379,24 +379,11 @@ class AnchorCluster:
             self._wait_ready()
         except LaunchError:
             self.stop()
-            if self._silent_early_exit() and not self._retried:
-                # OpenMPI 4.1.4 here, late in long test runs that SIGKILLed earlier jobs, now and
-                # then exits 1 at start-up without a word; a second start has always worked.
-                self._retried = True
-                if self._logf:
-                    self._logf.write("# the launcher exited at once without output; starting it again\n")
-                self.proc, self._pump = None, None
-                self.tail.clear()
-                return self.start()
             raise
         except BaseException:  # KeyboardInterrupt and the like: never leave the ranks behind
             self.stop()
             raise
         return self
-
-    def _silent_early_exit(self) -> bool:
-        return (self.proc is not None and self.proc.returncode == 1 and not "".join(self.tail).strip()
-                and time.perf_counter() - self.started_at < 10)
 
     def _read_output(self) -> None:
         for raw in self.proc.stdout:
