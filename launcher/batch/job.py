@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import signal
-import socket
 import sys
 import threading
 import time
@@ -28,6 +27,7 @@ from launcher.batch.inputfile import BatchInput, BatchRequest, parse_input
 from launcher.batch.journal import Journal, default_path, export
 from launcher.batch.progress import BatchProgress
 from launcher.errors import ConfigError, LaunchError
+from launcher.ports import free_port
 from launcher.served import RunOptions, ServedCluster
 
 EXIT_FAILED = 1
@@ -61,12 +61,6 @@ def normalize_url(url: str) -> str:
     if u.scheme not in ("http", "https") or not u.netloc:
         raise ConfigError(f"--url {url!r}: expected the server's base URL, e.g. http://127.0.0.1:52415/v1.")
     return urllib.parse.urlunsplit((u.scheme, u.netloc, u.path.rstrip("/") or "/v1", "", ""))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def check_paths(o: BatchOptions) -> Path:

@@ -44,7 +44,6 @@ import re
 import select
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,7 @@ from pathlib import Path
 
 from launcher.backends.mpi import mpirun_env
 from launcher.errors import ConfigError, LaunchError
+from launcher.ports import free_port, free_port_run
 
 RANK_MARKER = "mlx_lm.server"
 BACKENDS = ("mpi", "ring")
@@ -210,33 +210,6 @@ def _single_rank_command(hf, host, python: str, server_args: list[str], env: dic
     return argv, {}, None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _free_port_run(n: int) -> int:
-    """A first port such that n consecutive ports are free on loopback right now."""
-    import random
-
-    for _ in range(200):
-        base = random.randint(20000, 60000 - n)
-        socks = []
-        try:
-            for p in range(base, base + n):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise LaunchError(f"anchor: found no {n} consecutive free ports. Fix: pass data_port.")
-
-
 # ----------------------------------------------------------------------------- the cluster
 
 
@@ -278,7 +251,7 @@ class AnchorCluster:
         self.rank_cmd_marker = RANK_MARKER
         # Exactly the --model string: any other "model" in a request makes the server load that.
         self.model_name = str(self.model_path.resolve()) if self.model_path.exists() else str(self.model_path)
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.data_port = data_port
         rank0 = self.hostfile.hosts[0]
         if rank0.is_local:
@@ -333,7 +306,7 @@ class AnchorCluster:
             return _mpi_command(self.hostfile, self.server_argv(), env, workdir)
         if self.data_port is None:
             n = sum(h.slots * len(h.ips) for h in self.hostfile.hosts)
-            self.data_port = _free_port_run(n)
+            self.data_port = free_port_run(n)
         return _ring_command(self.hostfile, self.server_argv(), env, workdir, self.data_port)
 
     def start(self) -> "AnchorCluster":

@@ -21,6 +21,7 @@ from launcher.backends import first_slots
 from launcher.bench import measure, probes, records, roofline
 from launcher.bench.sweep import Sweep
 from launcher.errors import ConfigError, LaunchError
+from launcher.ports import free_port
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -218,7 +219,7 @@ class Runner:
                 env["EXOLAUNCH_API_KEY"] = self.target.api_key
             c = ServedCluster(model, RunOptions(
                 hostfile=self.target.hostfile_path, topology=self.target.topology_path, np=ranks, backend=backend,
-                sharding=sharding, port=_free_port(), data_port=_free_port() + 1, env=env,
+                sharding=sharding, port=free_port(), data_port=free_port() + 1, env=env,
                 ready_timeout=self.target.ready_timeout),
                 log=self.out / "cluster.log", echo=self.echo)
             c.model_name = model
@@ -227,7 +228,7 @@ class Runner:
         from launcher.bench.anchor import AnchorCluster
 
         return AnchorCluster(model_dir, self.target.hostfile, np=ranks, backend=backend, sharding=sharding,
-                             port=_free_port(), env=env, log=self.out / "anchor.log",
+                             port=free_port(), env=env, log=self.out / "anchor.log",
                              ready_timeout=self.target.ready_timeout, echo=self.echo)
 
     def _roofline(self, model_dir, rank_hosts, sharding, bw, prompt, gen, conc, m) -> Optional[dict]:
@@ -257,10 +258,3 @@ class Runner:
         if self.progress:
             self.progress(advance, description)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -19,7 +19,6 @@ configs/sweeps/ or from flags (flags override the file's fields).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -132,13 +131,3 @@ def csv_ints(flag: str, value: str | None) -> list[int] | None:
 def csv_strs(value: str | None) -> list[str] | None:
     return None if value is None else [x.strip() for x in value.split(",") if x.strip()]
 
-
-@dataclass(frozen=True)
-class Point:
-    model: str
-    ranks: int
-    backend: str
-    sharding: str
-    prompt_tokens: int
-    gen_tokens: int
-    concurrency: int
