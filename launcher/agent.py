@@ -32,6 +32,8 @@ import sys
 import tempfile
 import time
 
+from runtime.contract import ENV_CONTROL_FD
+
 FRAME = b"\x1e"
 PARTIAL_FLUSH_S = 0.15  # emit an unterminated line (a prompt) after this much quiet
 
@@ -139,7 +141,7 @@ class Agent:
         env.update(spec.get("env", {}))
         env.update(file_env)
         ctl_r, ctl_w = os.pipe()
-        env["EXOLAUNCH_CONTROL_FD"] = str(ctl_w)
+        env[ENV_CONTROL_FD] = str(ctl_w)
         argv = list(spec["argv"])
         cwd = spec.get("cwd") or None
         if cwd and not os.path.isdir(cwd):

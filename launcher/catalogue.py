@@ -152,7 +152,7 @@ class ModelCard:
         return per_layer * self.layers
 
     def tp_config(self) -> dict:
-        """The config.json fields runtime.loader.check_sharding reads (TENSOR_SPLIT_DIMS)."""
+        """The config.json fields runtime.contract.check_sharding reads (TENSOR_SPLIT_DIMS)."""
         if self.config:
             return self.config
         out = {"num_attention_heads": self.heads, "num_key_value_heads": self.kv_heads,
@@ -266,7 +266,7 @@ def card_from_config(cfg: dict, *, name: str, repo: str | None = None, path: str
         approx.append("disk_gb")
     heads = int(_get(cfg, "num_attention_heads", default=1))
     types = cfg.get("layer_types") if isinstance(cfg.get("layer_types"), list) else []
-    from runtime.loader import context_length
+    from runtime.contract import context_length
 
     return ModelCard(
         name=name, repo=repo, architecture=str(cfg.get("model_type", "unknown")),
@@ -398,6 +398,7 @@ def resolve_card(model: str | ModelCard, catalogue: dict[str, ModelCard] | None 
     if isinstance(model, ModelCard):
         return model
     from runtime import demo_models
+    from runtime.contract import classify_model
 
     cat = catalogue if catalogue is not None else load_catalogue()
     if model in cat:
@@ -405,16 +406,15 @@ def resolve_card(model: str | ModelCard, catalogue: dict[str, ModelCard] | None 
     for c in cat.values():
         if c.repo and c.repo.lower() == model.lower():
             return c
-    base = model.split(":", 1)[0]
-    if base in demo_models.DEMO_MODELS:
+    ref = classify_model(model)
+    if ref is not None and ref.kind == "demo":
         try:
             return demo_card(model)
         except ValueError as e:
             raise ConfigError(f"model {model!r}: {e}. Fix: use a size of {', '.join(demo_models.SIZES)}.") from None
-    path = Path(model).expanduser()
-    if path.exists():
-        return card_from_dir(path)
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+    if ref is not None and ref.kind == "dir":
+        return card_from_dir(ref.path)
+    if ref is not None and ref.kind == "hub":
         local = _hf_cached_dir(model)
         if local is not None:
             return card_from_dir(local, name=model, repo=model)

@@ -1,4 +1,4 @@
-"""`exolaunch batch` (registered on the main typer app when launcher.cli is imported)."""
+"""`exolaunch batch` (registered on the typer app in launcher.cli_common)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ from typing import List, Optional
 
 import typer
 
-from launcher.cli import Globals, app, collect_env, load_cluster
+from launcher.cli_common import Globals, app, collect_env, load_cluster
 from launcher.errors import ConfigError
+from runtime import contract
 
 
 @app.command(
@@ -36,7 +37,7 @@ def batch_(
     request_timeout: float = typer.Option(600.0, "--request-timeout", help="Seconds for one attempt's answer."),
     url: Optional[str] = typer.Option(None, "--url", help="Use a running server (http://host:port/v1) instead of "
                                                          "starting a cluster; cluster flags do not apply."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXOLAUNCH_API_KEY",
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=contract.ENV_API_KEY,
                                           help="Sent as `Authorization: Bearer KEY`; the started cluster "
                                                "requires it too."),
     np: Optional[int] = typer.Option(None, "-n", "--np", help="Cluster: use the first N slots of the hostfile."),

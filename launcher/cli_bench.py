@@ -1,4 +1,4 @@
-"""`exolaunch bench` (registered on the main app): a benchmark sweep, optionally side by side
+"""`exolaunch bench` (registered on the typer app in launcher.cli_common): a benchmark sweep, optionally side by side
 with mlx.launch + mlx_lm.server, written as JSONL, CSV, markdown and PNG plots."""
 
 from __future__ import annotations
@@ -9,8 +9,9 @@ from typing import List, Optional
 
 import typer
 
-from launcher.cli import app, load_cluster
+from launcher.cli_common import app, load_cluster
 from launcher.errors import ConfigError
+from runtime import contract
 
 
 class _Progress:
@@ -67,7 +68,7 @@ def bench_(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (default bench-results/NAME)."),
     fresh: bool = typer.Option(False, "--fresh", help="Discard this sweep's earlier results instead of resuming."),
     report_only: bool = typer.Option(False, "--report-only", help="Only rewrite CSV/markdown/plots from results.jsonl."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EXOLAUNCH_API_KEY", help="API key for the servers."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar=contract.ENV_API_KEY, help="API key for the servers."),
     ready_timeout: float = typer.Option(900.0, "--ready-timeout", help="Seconds for a cluster to load."),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="SSH connect timeout for the probes."),
 ):

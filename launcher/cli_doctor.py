@@ -1,4 +1,4 @@
-"""`exolaunch doctor` (registered on the main typer app when launcher.cli is imported)."""
+"""`exolaunch doctor` (registered on the typer app in launcher.cli_common)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,7 @@ from typing import Optional
 
 import typer
 
-from launcher import ssh
-from launcher.cli import app, load_cluster
+from launcher.cli_common import app, check_host_key_check, load_cluster
 from launcher.errors import ConfigError
 
 
@@ -31,8 +30,7 @@ def doctor(
 ):
     from launcher.doctor import run_checks
 
-    if host_key_check is not None and host_key_check not in ssh.HOST_KEY_MODES:
-        raise ConfigError(f"--host-key-check {host_key_check!r}: expected one of {', '.join(ssh.HOST_KEY_MODES)}.")
+    check_host_key_check(host_key_check)
     if connect_timeout <= 0:
         raise ConfigError(f"--connect-timeout {connect_timeout:g}: expected a number of seconds greater than 0.")
     if port is not None and not 2 <= port <= 65535:

@@ -1,4 +1,4 @@
-"""`exolaunch plan` and `exolaunch models` (registered on the main typer app when launcher.cli is imported)."""
+"""`exolaunch plan` and `exolaunch models` (registered on the typer app in launcher.cli_common)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from launcher.cli import app, load_cluster
+from launcher.cli_common import app, load_cluster
 from launcher.errors import ConfigError
 
 

@@ -1,4 +1,4 @@
-"""`exolaunch pull` (registered on the main typer app when launcher.cli is imported)."""
+"""`exolaunch pull` (registered on the typer app in launcher.cli_common)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from launcher.cli import app, load_cluster  # noqa: F401
+from launcher.cli_common import app, check_host_key_check, load_cluster
 from launcher.errors import ConfigError
 
 EXIT_FAILED = 1  # some host failed: the summary names it and why
@@ -17,11 +17,10 @@ EXIT_FAILED = 1  # some host failed: the summary names it and why
 
 def _classify(model: str) -> tuple[str, str]:
     """("dir", model) for demo models and local directories, ("hub", repo id) otherwise."""
-    from runtime import demo_models
+    from runtime.contract import classify_model
 
-    if model in demo_models.DEMO_MODELS or model.split(":", 1)[0] in demo_models.DEMO_MODELS:
-        return "dir", model
-    if Path(model).expanduser().exists():
+    ref = classify_model(model)
+    if ref is not None and ref.kind in ("demo", "dir"):
         return "dir", model
     try:  # a catalogue name (`exolaunch models`) stands for its repo
         from launcher.catalogue import load_catalogue
@@ -31,17 +30,17 @@ def _classify(model: str) -> tuple[str, str]:
             return "hub", card.repo
     except Exception:
         pass
-    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+    if ref is not None:
         return "hub", model
     raise ConfigError(f"model {model!r}: no such directory, demo model, catalogue name or Hugging Face repo id "
                       "(owner/name). Fix: check the name (`exolaunch models` lists the catalogue).")
 
 
 def _resolve_here(model: str) -> Path:
-    from runtime.loader import ModelError, resolve
+    from runtime.contract import ModelError, resolve_model
 
     try:
-        return resolve(model)[0]
+        return resolve_model(model)[0]
     except ModelError as e:
         raise ConfigError(str(e)) from None
 
@@ -77,8 +76,7 @@ def pull_(
     from launcher import ssh, weights
     from launcher.backends import first_slots
 
-    if host_key_check is not None and host_key_check not in ssh.HOST_KEY_MODES:
-        raise ConfigError(f"--host-key-check {host_key_check!r}: expected one of {', '.join(ssh.HOST_KEY_MODES)}.")
+    check_host_key_check(host_key_check)
     if sharding not in ("tensor", "pipeline"):
         raise ConfigError(f"--sharding {sharding!r}: expected tensor or pipeline.")
     if method not in ("auto", "rsync", "stream"):

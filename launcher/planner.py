@@ -272,7 +272,7 @@ def _tp_problem(card: ModelCard, t: int) -> str | None:
         return None
     if "tensor" not in card.sharding:
         return f"mlx-lm's {card.architecture} has no tensor parallelism (no Model.shard)"
-    from runtime.loader import ModelError, check_sharding
+    from runtime.contract import ModelError, check_sharding
 
     try:
         check_sharding(Path("."), card.tp_config(), t, "tensor", card.name)

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import os
 
+from runtime.contract import ENV_CONTROL_FD
+
 
 def _send(word: str) -> None:
-    fd = os.environ.get("EXOLAUNCH_CONTROL_FD")
+    fd = os.environ.get(ENV_CONTROL_FD)
     if not fd:
         return
     try:
@@ -26,10 +28,3 @@ def ready() -> None:
     """This rank is up: distributed init finished and it can do its work."""
     _send("ready")
 
-
-def rank() -> int:
-    return int(os.environ.get("EXOLAUNCH_RANK", "0"))
-
-
-def world_size() -> int:
-    return int(os.environ.get("EXOLAUNCH_WORLD_SIZE", "1"))

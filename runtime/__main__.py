@@ -19,6 +19,7 @@ import threading
 import time
 
 from launcher.rankapi import ready
+from runtime import contract
 
 CONTROL_TIMEOUT = 600.0  # ranks that load slower than rank 0 still join
 
@@ -33,9 +34,9 @@ def parse(argv):
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve", help="load a model across the ranks and serve it from rank 0")
     s.add_argument("--model", default="demo-llama")
-    s.add_argument("--sharding", default="tensor", choices=["tensor", "pipeline"])
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=52415)
+    s.add_argument("--sharding", default="tensor", choices=contract.SHARDINGS)
+    s.add_argument("--host", default=contract.DEFAULT_API_HOST)
+    s.add_argument("--port", type=int, default=contract.DEFAULT_API_PORT)
     s.add_argument("--prefill-step", type=int, default=256)
     s.add_argument("--max-batch", type=int, default=32)
     s.add_argument("--max-context", type=int, default=None)
@@ -53,7 +54,8 @@ def serve(args) -> int:
     from runtime import control
     from runtime.engine import Engine
     from runtime.group import init_group
-    from runtime.loader import ModelError, context_length, load, resolve
+    from runtime.contract import ModelError, context_length, resolve_model
+    from runtime.loader import load
 
     t0 = time.monotonic()
     group = init_group()
@@ -65,7 +67,7 @@ def serve(args) -> int:
                          name="exolaunch-import-api").start()
     try:
         say(rank, f"resolving {args.model}")
-        path, model_id = resolve(args.model)
+        path, model_id = resolve_model(args.model)
         say(rank, f"loading {model_id} from {path} ({args.sharding} parallel over {world} ranks)")
         model, tokenizer, config = load(path, group, args.sharding, model_id)
     except ModelError as e:
@@ -75,10 +77,10 @@ def serve(args) -> int:
     ctx = args.max_context or context_length(config)
     engine_kw = dict(model_id=model_id, model_path=path, group=group, context_length=ctx,
                      prefill_step=args.prefill_step, max_batch=args.max_batch)
-    ctl_host, _, ctl_port = os.environ.get("EXOLAUNCH_CONTROL", "127.0.0.1:52599").rpartition(":")
+    ctl_host, ctl_port = contract.parse_control(os.environ.get(contract.ENV_CONTROL))
 
     if rank != 0:
-        follower = control.Follower(ctl_host, int(ctl_port), rank, CONTROL_TIMEOUT)
+        follower = control.Follower(ctl_host, ctl_port, rank, CONTROL_TIMEOUT)
         engine = Engine(model, tokenizer, **engine_kw)
         ready()
         try:
@@ -91,7 +93,7 @@ def serve(args) -> int:
         return 0
 
     if args.cmd == "bench":
-        leader = control.Leader(ctl_host, int(ctl_port), world) if world > 1 else None
+        leader = control.Leader(ctl_host, ctl_port, world) if world > 1 else None
         engine = Engine(model, tokenizer, control=leader, **engine_kw)
         if leader is not None:
             leader.accept_all(CONTROL_TIMEOUT)
@@ -110,10 +112,10 @@ def serve(args) -> int:
     # The engine thread and the API thread share rank 0's GIL. At the default 5 ms switch
     # interval a waiting engine thread can lose milliseconds per token to the API thread,
     # and every other rank waits in its all-reduce meanwhile.
-    sys.setswitchinterval(float(os.environ.get("EXOLAUNCH_SWITCH_INTERVAL", "0.0005")))
-    leader = control.Leader(ctl_host, int(ctl_port), world) if world > 1 else None
+    sys.setswitchinterval(float(os.environ.get(contract.ENV_SWITCH_INTERVAL, "0.0005")))
+    leader = control.Leader(ctl_host, ctl_port, world) if world > 1 else None
     engine = Engine(model, tokenizer, control=leader, **engine_kw)
-    server = start(engine, args.host, args.port, api_key=os.environ.get("EXOLAUNCH_API_KEY") or None)
+    server = start(engine, args.host, args.port, api_key=os.environ.get(contract.ENV_API_KEY) or None)
     if leader is not None:
         leader.on_peer_lost = lambda r, msg: engine.fail(
             msg.get("error") or f"rank {r} stopped: its process ended or its host is unreachable")

@@ -6,12 +6,14 @@ import os
 
 import mlx.core as mx
 
+from runtime.contract import ENV_BACKEND, ENV_WORLD_SIZE
+
 
 def init_group() -> mx.distributed.Group:
-    world = int(os.environ.get("EXOLAUNCH_WORLD_SIZE", "1"))
+    world = int(os.environ.get(ENV_WORLD_SIZE, "1"))
     if world == 1:
         return mx.distributed.init(strict=False)  # a one-rank group needs no backend
-    backend = os.environ.get("EXOLAUNCH_BACKEND", "any")
+    backend = os.environ.get(ENV_BACKEND, "any")
     group = mx.distributed.init(strict=True, backend=backend)
     if group.size() != world:
         raise RuntimeError(f"mlx formed a group of {group.size()} ranks but exolaunch started {world}")

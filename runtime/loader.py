@@ -1,80 +1,21 @@
-"""Resolve a model name to a local mlx-lm directory and load this rank's shard of it.
+"""Load this rank's shard of a model (mlx): the tensor or pipeline split, and the output head
+split by vocabulary.
 
-MODEL is a demo model name (generated offline, see demo_models), a local directory in mlx-lm
-layout, or a Hugging Face repo id (downloaded with huggingface-hub; needs a reachable hub).
-Sharding needs are checked before mlx-lm's shard(), which does not check divisibility and
-crashes later with an empty reshape.
+What a model name means and where its directory is (runtime.contract.resolve_model) and the
+sharding checks (runtime.contract.check_sharding, run here before mlx-lm's shard(), which does
+not check divisibility and crashes later with an empty reshape) live in runtime/contract.py,
+which the launcher's planner shares without importing mlx.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from runtime import demo_models
-
-
-class ModelError(Exception):
-    """The model cannot be served as asked; the message names the model, numbers and ranks."""
-
-
-def resolve(model: str) -> tuple[Path, str]:
-    """(local directory, the id the API serves it under)."""
-    if model in demo_models.DEMO_MODELS:
-        return demo_models.ensure(model, size="small"), model
-    if ":" in model and model.split(":", 1)[0] in demo_models.DEMO_MODELS:  # demo-llama:100m
-        name, size = model.split(":", 1)
-        return demo_models.ensure(name, size=size), model
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path}: not an mlx-lm model directory (no config.json).")
-        return path.resolve(), path.name
-    if model.count("/") != 1 or model.startswith((".", "/", "~")):
-        raise ModelError(f"model {model!r}: no such directory, demo model ({', '.join(demo_models.DEMO_MODELS)}) "
-                         "or Hugging Face repo id (owner/name).")
-    try:
-        from huggingface_hub import snapshot_download
-
-        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.py", "*.jinja",
-                                                             "tokenizer.model", "*.tiktoken", "*.txt"])), model
-    except Exception as e:  # offline, unknown repo, auth: all end here
-        raise ModelError(f"model {model!r}: could not fetch it from the Hugging Face Hub ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}). Fix: check the repo id and network, "
-                         "or pass a local directory.") from None
-
-
-def read_config(path: Path) -> dict:
-    return json.loads((path / "config.json").read_text())
-
-
-TENSOR_SPLIT_DIMS = ("num_attention_heads", "num_key_value_heads", "intermediate_size", "moe_intermediate_size")
-
-
-def check_sharding(path: Path, config: dict, world: int, sharding: str, model_id: str) -> None:
-    """Refuse, with the numbers, what sharded_load would crash on later."""
-    if world == 1:
-        return
-    if sharding == "tensor":
-        bad = [(k, config[k]) for k in TENSOR_SPLIT_DIMS
-               if isinstance(config.get(k), int) and config[k] % world]
-        if bad:
-            what = ", ".join(f"{k}={v}" for k, v in bad)
-            raise ModelError(f"{model_id}: tensor parallelism over {world} ranks needs these to divide by {world}: "
-                             f"{what}. Fix: use a rank count that divides them, or --sharding pipeline.")
-    elif sharding == "pipeline":
-        if not (path / "model.safetensors.index.json").is_file():
-            raise ModelError(f"{model_id}: pipeline sharding needs model.safetensors.index.json in {path} "
-                             "(to load only each stage's layers). Fix: re-save the model with mlx_lm.convert.")
-        layers = config.get("num_hidden_layers")
-        if isinstance(layers, int) and layers < world:
-            raise ModelError(f"{model_id}: {layers} layers cannot be split into {world} pipeline stages.")
-    else:
-        raise ModelError(f"--sharding {sharding!r}: expected tensor or pipeline.")
+from runtime.contract import ENV_SHARD_HEAD, ModelError, check_sharding, read_config
 
 
 def load(path: Path, group: mx.distributed.Group, sharding: str, model_id: str):
@@ -90,7 +31,7 @@ def load(path: Path, group: mx.distributed.Group, sharding: str, model_id: str):
     try:
         if sharding == "tensor":
             model, tokenizer = sharded_load(str(path), tensor_group=group)
-            if os.environ.get("EXOLAUNCH_SHARD_HEAD", "1") != "0":
+            if os.environ.get(ENV_SHARD_HEAD, "1") != "0":
                 shard_output_head(model, group)
         else:
             model, tokenizer = sharded_load(str(path), pipeline_group=group)
@@ -129,10 +70,3 @@ def shard_output_head(model, group: mx.distributed.Group) -> bool:
     model.lm_head = GatheredHead(shard_linear(head, "all-to-sharded", group=group), group)
     mx.eval(model.lm_head.parameters())
     return True
-
-
-def context_length(config: dict, default: int = 4096) -> int:
-    for k in ("max_position_embeddings", "max_seq_len", "seq_length", "n_positions"):
-        if isinstance(config.get(k), int):
-            return config[k]
-    return default

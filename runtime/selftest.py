@@ -17,6 +17,7 @@ import time
 import mlx.core as mx
 
 from launcher.rankapi import ready
+from runtime import contract
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -25,8 +26,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--iters", type=int, default=5)
     args = p.parse_args(argv)
 
-    backend = os.environ.get("EXOLAUNCH_BACKEND", "any")
-    world = int(os.environ.get("EXOLAUNCH_WORLD_SIZE", "1"))
+    backend = os.environ.get(contract.ENV_BACKEND, "any")
+    world = int(os.environ.get(contract.ENV_WORLD_SIZE, "1"))
     group = mx.distributed.init(strict=world > 1, backend=backend if world > 1 else "any")
     ready()
     r, n = group.rank(), group.size()

@@ -92,10 +92,10 @@ def main() -> int:
     from mlx_lm.utils import load_tokenizer
 
     from runtime.bench import exact_prompt
-    from runtime.loader import resolve
+    from runtime.contract import resolve_model
 
     ip = inprocess(a)
-    prompt = exact_prompt(load_tokenizer(resolve(a.model)[0]), a.prompt_tokens)
+    prompt = exact_prompt(load_tokenizer(resolve_model(a.model)[0]), a.prompt_tokens)
     extra = ["-n", str(a.n), "--backend", a.backend]
     with ServingCluster(a.model, *extra, hostfile=a.hostfile, cache=os.environ["EXOLAUNCH_CACHE"],
                         ready_timeout=900) as c:

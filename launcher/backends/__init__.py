@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from launcher.errors import ConfigError
 from launcher.hostfile import Host, Hostfile
 from launcher.topology import Topology, check_backend
-
-BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")
+from runtime import contract
+from runtime.contract import BACKENDS
 
 
 @dataclass
@@ -95,13 +95,13 @@ def plan_launch(
     specs = []
     for r in ranks:
         renv = {**common, **r.host.env, **(env or {})}
-        renv.update(
-            EXOLAUNCH_RANK=str(r.rank),
-            EXOLAUNCH_WORLD_SIZE=str(world),
-            EXOLAUNCH_LOCAL_RANK=str(r.local_rank),
-            EXOLAUNCH_HOST=r.host.name,
-            EXOLAUNCH_BACKEND=backend,
-        )
+        renv.update({
+            contract.ENV_RANK: str(r.rank),
+            contract.ENV_WORLD_SIZE: str(world),
+            contract.ENV_LOCAL_RANK: str(r.local_rank),
+            contract.ENV_HOST: r.host.name,
+            contract.ENV_BACKEND: backend,
+        })
         specs.append(RankSpec(r.rank, r.host, r.local_rank, rank_argv(command, r.host), renv))
 
     module = {"ring": ring, "jaccl": jaccl, "jaccl-ring": jaccl, "mpi": mpi}[backend]

@@ -29,6 +29,7 @@ from launcher.batch.progress import BatchProgress
 from launcher.errors import ConfigError, LaunchError
 from launcher.ports import free_port
 from launcher.served import RunOptions, ServedCluster
+from runtime.contract import ENV_API_KEY
 
 EXIT_FAILED = 1
 SHOW_FAILURES = 5       # failures listed in the summary; the output has them all
@@ -173,7 +174,7 @@ class BatchJob:
         c = self.o.cluster
         env = dict(c.env)
         if self.o.api_key:  # `run` reads it from the environment: never on a command line
-            env["EXOLAUNCH_API_KEY"] = self.o.api_key
+            env[ENV_API_KEY] = self.o.api_key
         return dataclasses.replace(c, port=c.port or free_port(), env=env)
 
     def _send(self, todo: list[BatchRequest], base_url: str) -> None:

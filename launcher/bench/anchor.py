@@ -54,10 +54,10 @@ from pathlib import Path
 from launcher.backends.mpi import mpirun_env
 from launcher.errors import ConfigError, LaunchError
 from launcher.ports import free_port, free_port_run
+from runtime.contract import SHARDINGS
 
 RANK_MARKER = "mlx_lm.server"
 BACKENDS = ("mpi", "ring")
-SHARDINGS = ("tensor", "pipeline")
 _ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _ERROR_LINE = re.compile(r"^\s*(?:[\w.]+(?:Error|Exception|Exit)|RuntimeError|ValueError)\b.*")
 

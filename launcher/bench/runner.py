@@ -22,6 +22,7 @@ from launcher.bench import measure, probes, records, roofline
 from launcher.bench.sweep import Sweep
 from launcher.errors import ConfigError, LaunchError
 from launcher.ports import free_port
+from runtime import contract
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 
@@ -141,12 +142,12 @@ class Runner:
     def _cluster(self, cl, server: str, todo: list, env: dict, bw: dict) -> None:
         from mlx_lm.utils import load_tokenizer
 
-        from runtime.loader import ModelError, resolve
+        from runtime.contract import ModelError, resolve_model
 
         model, ranks, backend, sharding = cl
         label = f"{server} {model} {ranks} rank(s) {backend} {sharding}"
         try:
-            model_dir, _ = resolve(model)
+            model_dir, _ = resolve_model(model)
             tokenizer = load_tokenizer(model_dir)
         except ModelError as e:
             return self._fail_all(cl, server, todo, env, f"model: {e}")
@@ -212,11 +213,11 @@ class Runner:
         from launcher.served import RunOptions, ServedCluster
 
         env = {probes.TAG_VAR: tag}
-        if os.environ.get("EXOLAUNCH_CACHE"):
-            env["EXOLAUNCH_CACHE"] = os.environ["EXOLAUNCH_CACHE"]
+        if os.environ.get(contract.ENV_CACHE):
+            env[contract.ENV_CACHE] = os.environ[contract.ENV_CACHE]
         if server == "exolaunch":
             if self.target.api_key:  # run reads it from the environment: never on a command line
-                env["EXOLAUNCH_API_KEY"] = self.target.api_key
+                env[contract.ENV_API_KEY] = self.target.api_key
             c = ServedCluster(model, RunOptions(
                 hostfile=self.target.hostfile_path, topology=self.target.topology_path, np=ranks, backend=backend,
                 sharding=sharding, port=free_port(), data_port=free_port() + 1, env=env,

@@ -26,9 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from launcher.errors import ConfigError
-
-BACKENDS = ("ring", "mpi", "jaccl", "jaccl-ring")
-SHARDINGS = ("tensor", "pipeline")
+from runtime.contract import BACKENDS, SHARDINGS
 ANCHORS = ("mlx-lm",)
 LIST_FIELDS = ("models", "ranks", "backends", "shardings", "prompt_tokens", "gen_tokens", "concurrency")
 
