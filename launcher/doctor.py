@@ -1,16 +1,11 @@
 """`exolaunch doctor`: check every host before a job, and say how to fix what is wrong.
 
-One probe per host, all in parallel (threads). The probe is a small self-contained script sent
-over the ssh channel (never through a shell): the remote command is only
-
-    exec '<python>' -u -c 'import sys,json;exec(json.loads(sys.stdin.readline()))'
-
-and the first stdin line is the probe source as a JSON string, the second its parameters as
-JSON. Local hosts (`ssh: local`) run the same command as a subprocess. The probe
+One probe per host, all in parallel (threads). The probe is a snippet run by launcher.remote
+(over the ssh channel, never through a shell; local hosts run it as a subprocess). The probe
 
   1. answers three pings over the same channel: NTP-style, that gives the round-trip time
      (the smallest of the three) and the clock offset (skew) without trusting ssh set-up time;
-  2. then prints one JSON line: versions (python, and mlx / mlx-lm / exolaunch from
+  2. then answers once with: versions (python, and mlx / mlx-lm / exolaunch from
      importlib.metadata, so nothing heavy is imported), platform, memory, free disk of the
      model caches, whether each data-plane port is free (bind), `rdma_ctl status` and
      `ibv_devices` on macOS for jaccl, OpenMPI on PATH for mpi, the working directory.
@@ -33,18 +28,14 @@ Rules (each problem is `host: what is wrong -> fix: <command>`; warnings do not 
 
 from __future__ import annotations
 
-import json
-import queue
 import shlex
-import subprocess
-import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 
-from launcher import ssh
+from launcher import remote, ssh
 from launcher.hostfile import Host, Hostfile
 
 MAX_SKEW_S = 1.0
@@ -52,17 +43,11 @@ LOW_DISK_GB = 20.0
 PROBE_BUDGET_S = 20.0  # after the connection is up, the probe itself must finish in this time
 PINGS = 3
 PACKAGES = ("mlx", "mlx-lm", "exolaunch")
-_MARK = "@@exolaunch-probe "
-_BOOT = "import sys,json;exec(json.loads(sys.stdin.readline()))"
 
-# The probe: runs on every host under the host's python (>= 3.8, standard library only).
+# The probe: a launcher.remote snippet (say, PARAMS), run under each host's python.
 _PROBE = r'''
 import json, os, shutil, socket, subprocess, sys, time
-M = "@@exolaunch-probe "
-def say(kind, payload):
-    sys.stdout.write(M + kind + " " + json.dumps(payload) + "\n")
-    sys.stdout.flush()
-P = json.loads(sys.stdin.readline())
+P = PARAMS
 say("hello", {})
 while True:
     line = sys.stdin.readline()
@@ -228,14 +213,12 @@ class Problem:
         return f"{self.host}: {self.what} -> fix: {self.fix}"
 
 
-@dataclass
-class HostResult:
-    name: str
+@dataclass(kw_only=True)
+class HostCheck(remote.HostResult):
     ssh: str
     python: str
     reachable: bool = False  # SSH got through (always True for local hosts that could start)
-    probed: bool = False  # the probe answered: info is filled
-    error: str | None = None  # why the probe failed (ssh's own message when unreachable)
+    probed: bool = False  # the probe answered: info is filled; else error (ssh's own message when unreachable)
     rtt_ms: float | None = None
     connect_s: float | None = None  # from starting ssh to the probe's first line
     skew_s: float | None = None  # remote clock minus local clock
@@ -244,8 +227,8 @@ class HostResult:
 
 
 @dataclass
-class Report:
-    hosts: list[HostResult]
+class CheckReport(remote.Report):
+    hosts: list[HostCheck] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)  # errors and warnings
     backend: str = "ring"
 
@@ -258,12 +241,11 @@ class Report:
         return [p for p in self.problems if p.severity != "error"]
 
     @property
-    def ok(self) -> bool:
+    def ok(self) -> bool:  # a host that failed has a problem too; other problems fail the check as well
         return not self.errors
 
     def to_dict(self) -> dict:
-        return {"ok": self.ok, "backend": self.backend, "hosts": [asdict(h) for h in self.hosts],
-                "problems": [asdict(p) for p in self.problems]}
+        return {**super().to_dict(), "backend": self.backend, "problems": [asdict(p) for p in self.problems]}
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         header = ["HOST", "SSH", "RTT", "SKEW", "PYTHON", "MLX", "MLX-LM", "EXOLAUNCH",
@@ -299,12 +281,7 @@ class Report:
         return header, rows
 
     def render(self) -> str:
-        header, rows = self.table()
-        widths = [max(len(str(r[c])) for r in [header, *rows]) for c in range(len(header))]
-        lines = ["  ".join(str(cell).ljust(w) for cell, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-        lines.append("")
-        lines += self.summary_lines()
-        return "\n".join(lines)
+        return "\n".join([*self.table_lines(), "", *self.summary_lines()])
 
     def summary_lines(self) -> list[str]:
         out = []
@@ -354,123 +331,50 @@ def _rdma_state(text: str, rc) -> str | None:
 # ----------------------------------------------------------------------------- probing
 
 
-def _probe_argv(host: Host, python: str, sopts: ssh.SshOptions) -> list[str]:
-    remote = [python, "-u", "-c", _BOOT]
-    if host.is_local:
-        return remote
-    return ssh.remote_argv(sopts, host, remote)
-
-
-def probe_host(host: Host, python: str, params: dict, sopts: ssh.SshOptions) -> HostResult:
+def probe_host(host: Host, python: str, params: dict, sopts: ssh.SshOptions) -> HostCheck:
     """Run the probe on one host; never raises."""
-    res = HostResult(name=host.name, ssh=host.ssh, python=python)
+    res = HostCheck(name=host.name, ssh=host.ssh, python=python)
     if not host.is_local:
         res.ssh_check = shlex.join(["ssh", *(["-F", sopts.config] if sopts.config else []),
                                     *(["-p", str(host.port)] if host.port else []), "--", host.ssh, "true"])
-    start = time.perf_counter()
     try:
-        proc = subprocess.Popen(_probe_argv(host, python, sopts), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1,
-                                start_new_session=True)
+        run = remote.Snippet(host, _PROBE, params, sopts, python=python)
     except OSError as e:
         res.reachable = host.is_local
         res.error = f"cannot start {python if host.is_local else 'ssh'}: {e.strerror or e}"
         return res
-    lines: queue.Queue = queue.Queue()
-    err: list[str] = []
-
-    def pump_out():
-        for line in proc.stdout:
-            lines.put(line)
-        lines.put(None)
-
-    def pump_err():
-        for line in proc.stderr:
-            if len(err) < 200:
-                err.append(line)
-
-    threads = [threading.Thread(target=pump_out, daemon=True), threading.Thread(target=pump_err, daemon=True)]
-    for t in threads:
-        t.start()
-
-    def send(text: str) -> None:
+    with run:
+        connect_budget = (sopts.connect_timeout if not host.is_local else 0) + PROBE_BUDGET_S
         try:
-            proc.stdin.write(text)
-            proc.stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            pass
-
-    def expect(kind: str, deadline: float):
-        while True:
-            left = deadline - time.perf_counter()
-            if left <= 0:
-                raise TimeoutError(kind)
-            try:
-                line = lines.get(timeout=left)
-            except queue.Empty:
-                raise TimeoutError(kind) from None
-            if line is None:
-                raise EOFError(kind)
-            if line.startswith(_MARK):
-                k, _, payload = line[len(_MARK):].partition(" ")
-                if k == kind:
-                    return json.loads(payload)
-
-    connect_budget = (sopts.connect_timeout if not host.is_local else 0) + PROBE_BUDGET_S
-    try:
-        send(json.dumps(_PROBE) + "\n" + json.dumps(params) + "\n")
-        expect("hello", start + connect_budget)
-        res.connect_s = time.perf_counter() - start
-        deadline = time.perf_counter() + PROBE_BUDGET_S
-        best = None
-        for _ in range(PINGS):
-            t1, p1 = time.time(), time.perf_counter()
-            send("ping\n")
-            t2, t3 = expect("pong", deadline)
-            t4, p4 = time.time(), time.perf_counter()
-            rtt = (p4 - p1) - (t3 - t2)
-            if best is None or rtt < best[0]:
-                best = (rtt, ((t2 - t1) + (t3 - t4)) / 2)
-        res.rtt_ms = max(0.0, best[0]) * 1000
-        res.skew_s = best[1]
-        send("done\n")
-        res.info = expect("result", deadline)
-        res.reachable = res.probed = True
-    except (TimeoutError, EOFError, ValueError) as e:
-        waited = time.perf_counter() - start
-        if isinstance(e, EOFError):  # it is exiting: let ssh report its own status (255 or not)
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                pass
-        _stop(proc)
-        for t in threads:
-            t.join(timeout=2)
-        res.error = _failure_text(proc.returncode, "".join(err), isinstance(e, TimeoutError), waited)
-        # ssh exits 255 when it cannot connect or log in; silence before the probe's first line
-        # is the same thing. Anything else means we got through and the interpreter is the trouble.
-        res.reachable = host.is_local or not (proc.returncode == 255 or res.connect_s is None and
-                                              isinstance(e, TimeoutError))
-        return res
-    finally:
-        try:
-            proc.stdin.close()
-        except OSError:
-            pass
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        _stop(proc)
+            run.expect("hello", run.started + connect_budget)
+            res.connect_s = time.perf_counter() - run.started
+            deadline = time.perf_counter() + PROBE_BUDGET_S
+            best = None
+            for _ in range(PINGS):
+                t1, p1 = time.time(), time.perf_counter()
+                run.send("ping\n")
+                t2, t3 = run.expect("pong", deadline)
+                t4, p4 = time.time(), time.perf_counter()
+                rtt = (p4 - p1) - (t3 - t2)
+                if best is None or rtt < best[0]:
+                    best = (rtt, ((t2 - t1) + (t3 - t4)) / 2)
+            res.rtt_ms = max(0.0, best[0]) * 1000
+            res.skew_s = best[1]
+            run.send("done\n")
+            res.info = run.expect("result", deadline)
+            res.reachable = res.probed = True
+        except (TimeoutError, EOFError, ValueError) as e:
+            waited = time.perf_counter() - run.started
+            # At the end of its output the probe is exiting: let ssh report its own status (255 or not).
+            rc = run.wait(5 if isinstance(e, EOFError) else 0)
+            res.error = _failure_text(rc, "\n".join(run.errors(2)), isinstance(e, TimeoutError), waited)
+            # ssh exits 255 when it cannot connect or log in; silence before the probe's first line
+            # is the same thing. Anything else means we got through and the interpreter is the trouble.
+            res.reachable = host.is_local or not (rc == 255 or res.connect_s is None and
+                                                  isinstance(e, TimeoutError))
+            return res
+        run.wait(5)
     return res
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        pass
 
 
 def _failure_text(rc, stderr: str, timed_out: bool, waited: float) -> str:
@@ -490,6 +394,7 @@ def _failure_text(rc, stderr: str, timed_out: bool, waited: float) -> str:
 def needed_ports(spec, *, data_port: int, control: bool = False) -> dict[str, list[tuple[str, int]]]:
     """Per host name, the (ip, port) pairs the backend will listen on (as the backends assign them)."""
     from launcher.backends.ring import ring_addresses
+    from runtime import contract
 
     out: dict[str, list[tuple[str, int]]] = {}
     ranks = spec.ranks
@@ -502,14 +407,14 @@ def needed_ports(spec, *, data_port: int, control: bool = False) -> dict[str, li
         out.setdefault(ranks[0].host.name, []).append((ranks[0].host.ips[0], data_port))
     if control and ranks:
         h = ranks[0].host
-        out.setdefault(h.name, []).append((h.ips[0] if h.ips else "127.0.0.1", data_port - 1))
+        out.setdefault(h.name, []).append(contract.control_address(h.ips, data_port))
     return out
 
 
 def run_checks(hostfile: Hostfile, topology=None, *, backend: str | None = None, np: int | None = None,
                data_port: int | None = None, control: bool = False,
                ports: dict[str, list] | None = None, connect_timeout: float = 10.0,
-               host_key_check: str | None = None, need_disk_gb: float | None = None) -> Report:
+               host_key_check: str | None = None, need_disk_gb: float | None = None) -> CheckReport:
     """Probe every host the job would use, in parallel, and judge the answers.
 
     backend / np / data_port / topology as for `exec` (the same plan decides hosts and ports);
@@ -549,14 +454,14 @@ def run_checks(hostfile: Hostfile, topology=None, *, backend: str | None = None,
     sopts = ssh.SshOptions(connect_timeout=connect_timeout, host_key_check=host_key_check,
                            config=hostfile.ssh_config, options=dict(hostfile.ssh_options or {}))
 
-    def one(h: Host) -> HostResult:
+    def one(h: Host) -> HostCheck:
         params = {"packages": list(PACKAGES), "backend": spec.backend, "ports": want.get(h.name, []),
                   "env": {**hostfile.env, **h.env}, "cwd": h.cwd}
         return probe_host(h, host_python(h), params, sopts)
 
     with ThreadPoolExecutor(max_workers=min(32, max(1, len(hosts)))) as pool:
         results = list(pool.map(one, hosts))
-    report = Report(hosts=results, backend=spec.backend)
+    report = CheckReport(hosts=results, backend=spec.backend)
     problems = judge(results, {h.name: h for h in hosts}, backend=spec.backend,
                      rdma_devices=rdma_rows, need_disk_gb=need_disk_gb)
     order = {h.name: i for i, h in enumerate(hosts)}
@@ -574,7 +479,7 @@ def local_versions() -> dict[str, str | None]:
     return out
 
 
-def judge(results: list[HostResult], hosts: dict[str, Host], *, backend: str,
+def judge(results: list[HostCheck], hosts: dict[str, Host], *, backend: str,
           rdma_devices: dict[str, list[str]] | None = None, need_disk_gb: float | None = None,
           local: dict[str, str | None] | None = None) -> list[Problem]:
     """The problems in a set of probe results (pure: no I/O), each with its fix."""
@@ -724,7 +629,7 @@ def judge(results: list[HostResult], hosts: dict[str, Host], *, backend: str,
     return problems
 
 
-def _ver(up: list[HostResult], pkg: str) -> str:
+def _ver(up: list[HostCheck], pkg: str) -> str:
     vals = [r.info.get("versions", {}).get(pkg) for r in up]
     vals = [v for v in vals if v]
     return Counter(vals).most_common(1)[0][0] if vals else "X"

@@ -5,15 +5,14 @@ Formats (detected from the content, see load_hostfile):
   mlx-json  the JSON hostfile of mlx.launch (one entry per rank, rdma as a per-host list)
   openmpi   `host slots=N [max_slots=M]` lines
 
-Every problem in a file becomes one ConfigError shaped
-`<file>:<line>: <field>: <what is wrong>. Fix: <what to do>.`; YAML line numbers come from the
-composed node tree, so they point at the offending key even after pyyaml has built plain dicts.
+Every problem in a file becomes one ConfigError that names the file, line and field
+(launcher.yamlsource). The field types only a cluster description has (ssh destinations, host
+names, IP lists, RDMA devices) are checked here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import ipaddress
 import json
 import os
@@ -21,18 +20,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
-import yaml
-
 from launcher.errors import ConfigError
-
-BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")
-DEFAULT_PORT = 52600
+from launcher.yamlsource import (Source, config_error, did_you_mean, format_path, read_text, read_yaml,
+                                 read_yaml_mapping, show)
+from runtime.contract import BACKENDS, DEFAULT_DATA_PORT
 
 # ssh destinations reach argv of the local `ssh`; this whitelist keeps out option injection
 # (leading '-') and anything a shell would interpret. Names may also carry '#' (mlx-json dedupe).
 _SSH_RE = re.compile(r"[A-Za-z0-9._@%:\[\]-]+")
 _NAME_RE = re.compile(r"[A-Za-z0-9._@%:\[\]#-]+")
-_ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _SSH_OPTION_RE = re.compile(r"[A-Za-z][A-Za-z0-9]*")
 
 
@@ -90,7 +86,7 @@ class Hostfile:
     hosts: list[Host] = field(default_factory=list)
     backend: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-    port: int = DEFAULT_PORT
+    port: int = DEFAULT_DATA_PORT
     ssh_config: str | None = None
     ssh_options: dict[str, str] = field(default_factory=dict)
 
@@ -115,7 +111,7 @@ class Hostfile:
                 return h
         names = [h.name for h in self.hosts]
         raise ConfigError(
-            f"{self.label}: unknown host {name!r}{_did_you_mean(name, names)}; "
+            f"{self.label}: unknown host {name!r}{did_you_mean(name, names)}; "
             f"the hosts are: {', '.join(names)}. Fix: use one of those names."
         )
 
@@ -149,234 +145,70 @@ def builtin_local(slots: int = 2) -> Hostfile:
     return Hostfile(path=None, format="builtin", hosts=[Host(name="local", ssh="local", slots=slots)])
 
 
-# ----------------------------------------------------------------------------- error plumbing
+# ----------------------------------------------------------------------------- cluster field types
 
 
-def config_error(file: str, line: int, where: str, what: str, fix: str) -> ConfigError:
-    end = "" if fix.endswith(".") else "."
-    return ConfigError(f"{file}:{line}: {where}: {what}. Fix: {fix}{end}")
+def ssh_destination(src: Source, path: tuple, value: Any) -> str:
+    fix = 'use "local", a host name, user@host or an alias from ~/.ssh/config (ssh flags go in ssh_options)'
+    value = src.string(path, value, fix)
+    if value.startswith("-"):
+        raise src.error(path, f"{show(value)} starts with '-', which ssh would read as an option", fix)
+    if not _SSH_RE.fullmatch(value):
+        bad = "".join(sorted({c for c in value if not _SSH_RE.fullmatch(c)}))
+        raise src.error(
+            path,
+            f"{show(value)} is not an ssh destination: characters {bad!r} are not allowed "
+            "(only letters, digits and . _ @ % : [ ] -)",
+            fix,
+        )
+    return value
 
 
-def format_path(path: tuple) -> str:
-    out = ""
-    for p in path:
-        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
-    return out or "top level"
+def host_name(src: Source, path: tuple, value: Any) -> str:
+    value = src.string(path, value, "use a short label such as m3u-1")
+    if not _NAME_RE.fullmatch(value) or value.startswith("-"):
+        raise src.error(
+            path,
+            f"{show(value)} is not a valid host name (only letters, digits and . _ @ % : [ ] # -, "
+            "not starting with -)",
+            "use a short label such as m3u-1",
+        )
+    return value
 
 
-def _did_you_mean(word: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(str(word), list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+def ip_list(src: Source, path: tuple, value: Any) -> tuple[str, ...]:
+    fix = "list the host's data-plane addresses, e.g. ips: [10.0.1.1]"
+    if isinstance(value, str):
+        value = [value]
+        single = True
+    else:
+        single = False
+    if not isinstance(value, list):
+        raise src.error(path, f"expected a list of IP addresses, got {show(value)}", fix)
+    out = []
+    for i, ip in enumerate(value):
+        p = path if single else path + (i,)
+        try:
+            if not isinstance(ip, str):
+                raise ValueError
+            out.append(str(ipaddress.ip_address(ip)))
+        except ValueError:
+            raise src.error(p, f"{show(ip)} is not a valid IP address", fix + " (quote it if needed)") from None
+    return tuple(out)
 
 
-def show(value: Any) -> str:
-    """A short description of a bad value for messages."""
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+def rdma_devices(src: Source, path: tuple, value: Any) -> str | list[str]:
+    fix = "give the RDMA device name(s) on this host, e.g. rdma_en3 or [rdma_en3, rdma_en4]"
+    if isinstance(value, list) and value:
+        return [rdma_device(src, path + (i,), d, fix) for i, d in enumerate(value)]
+    return rdma_device(src, path, value, fix)
 
 
-class Source:
-    """A parsed config file that can name the line of any field path (tuple of keys/indexes)."""
-
-    def __init__(self, label: str, lines: dict[tuple, int] | None = None):
-        self.label = label
-        self.lines = lines or {}
-
-    def line(self, path: tuple) -> int:
-        for i in range(len(path), -1, -1):  # nearest parent that has a node
-            if path[:i] in self.lines:
-                return self.lines[path[:i]]
-        return 1
-
-    def error(self, path: tuple, what: str, fix: str) -> ConfigError:
-        return config_error(self.label, self.line(path), format_path(path), what, fix)
-
-    # -- typed getters: each returns the checked value or raises one ConfigError
-
-    def mapping(self, path: tuple, value: Any, fix: str) -> dict:
-        if not isinstance(value, dict):
-            raise self.error(path, f"expected a mapping (key: value lines), got {show(value)}", fix)
-        return value
-
-    def keys(self, path: tuple, value: dict, allowed: Iterable[str]) -> None:
-        allowed = list(allowed)
-        for key in value:
-            if str(key) not in allowed:
-                raise self.error(
-                    path + (str(key),),
-                    f"unknown key {str(key)!r}{_did_you_mean(key, allowed)}",
-                    f"use only these keys here: {', '.join(allowed)}",
-                )
-
-    def string(self, path: tuple, value: Any, fix: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.error(path, f"expected a non-empty string, got {show(value)}", fix)
-        if "\0" in value:
-            raise self.error(path, "contains a NUL character, which no process can receive", fix)
-        return value
-
-    def integer(self, path: tuple, value: Any, lo: int, hi: int, what: str, fix: str) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise self.error(path, f"expected {what}, got {show(value)}", fix)
-        return value
-
-    def number(self, path: tuple, value: Any, lo: float, what: str, fix: str) -> float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= lo:
-            raise self.error(path, f"expected {what}, got {show(value)}", fix)
-        return float(value)
-
-    def choice(self, path: tuple, value: Any, choices: Iterable[str], fix: str) -> str:
-        choices = list(choices)
-        if value not in choices:
-            raise self.error(
-                path,
-                f"expected one of {', '.join(choices)}, got {show(value)}"
-                f"{_did_you_mean(value, choices) if isinstance(value, str) else ''}",
-                fix,
-            )
-        return value
-
-    def env(self, path: tuple, value: Any) -> dict[str, str]:
-        """Environment mapping; values become strings (bools -> "1"/"0"), never shell-checked."""
-        value = self.mapping(path, value, "write env as NAME: value lines")
-        out = {}
-        for key, v in value.items():
-            p = path + (str(key),)
-            if not isinstance(key, str) or not _ENV_KEY_RE.fullmatch(key):
-                raise self.error(
-                    p,
-                    f"{str(key)!r} is not a valid environment variable name",
-                    "use letters, digits and _ only, not starting with a digit",
-                )
-            out[key] = self.env_value(p, v)
-        return out
-
-    def env_value(self, path: tuple, v: Any) -> str:
-        if isinstance(v, bool):
-            return "1" if v else "0"
-        if isinstance(v, (int, float)):
-            return str(v)
-        if not isinstance(v, str):
-            raise self.error(path, f"expected a string or number, got {show(v)}", 'quote the value, e.g. FOO: "" for empty')
-        if "\0" in v:
-            raise self.error(path, "contains a NUL character, which no process can receive", "remove it")
-        return v
-
-    def ssh_destination(self, path: tuple, value: Any) -> str:
-        fix = 'use "local", a host name, user@host or an alias from ~/.ssh/config (ssh flags go in ssh_options)'
-        value = self.string(path, value, fix)
-        if value.startswith("-"):
-            raise self.error(path, f"{show(value)} starts with '-', which ssh would read as an option", fix)
-        if not _SSH_RE.fullmatch(value):
-            bad = "".join(sorted({c for c in value if not _SSH_RE.fullmatch(c)}))
-            raise self.error(
-                path,
-                f"{show(value)} is not an ssh destination: characters {bad!r} are not allowed "
-                "(only letters, digits and . _ @ % : [ ] -)",
-                fix,
-            )
-        return value
-
-    def host_name(self, path: tuple, value: Any) -> str:
-        value = self.string(path, value, "use a short label such as m3u-1")
-        if not _NAME_RE.fullmatch(value) or value.startswith("-"):
-            raise self.error(
-                path,
-                f"{show(value)} is not a valid host name (only letters, digits and . _ @ % : [ ] # -, "
-                "not starting with -)",
-                "use a short label such as m3u-1",
-            )
-        return value
-
-    def ip_list(self, path: tuple, value: Any) -> tuple[str, ...]:
-        fix = "list the host's data-plane addresses, e.g. ips: [10.0.1.1]"
-        if isinstance(value, str):
-            value = [value]
-            single = True
-        else:
-            single = False
-        if not isinstance(value, list):
-            raise self.error(path, f"expected a list of IP addresses, got {show(value)}", fix)
-        out = []
-        for i, ip in enumerate(value):
-            p = path if single else path + (i,)
-            try:
-                if not isinstance(ip, str):
-                    raise ValueError
-                out.append(str(ipaddress.ip_address(ip)))
-            except ValueError:
-                raise self.error(p, f"{show(ip)} is not a valid IP address", fix + " (quote it if needed)") from None
-        return tuple(out)
-
-    def rdma_devices(self, path: tuple, value: Any) -> str | list[str]:
-        fix = "give the RDMA device name(s) on this host, e.g. rdma_en3 or [rdma_en3, rdma_en4]"
-        if isinstance(value, list) and value:
-            return [self.rdma_device(path + (i,), d, fix) for i, d in enumerate(value)]
-        return self.rdma_device(path, value, fix)
-
-    def rdma_device(self, path: tuple, value: Any, fix: str) -> str:
-        value = self.string(path, value, fix)
-        if any(c.isspace() for c in value):
-            raise self.error(path, f"{show(value)} contains whitespace", fix)
-        return value
-
-
-def read_text(path: str | os.PathLike, what: str) -> tuple[str, str]:
-    label = os.fspath(path)
-    try:
-        with open(label, encoding="utf-8") as f:
-            return label, f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise ConfigError(f"{label}: cannot read the {what}: {reason}. Fix: check the path.") from None
-
-
-def _node_lines(node: yaml.Node, path: tuple, lines: dict, dups: list) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen = set()
-        for k, v in node.value:
-            key = str(k.value) if isinstance(k, yaml.ScalarNode) else "?"
-            if key in seen and key != "<<":
-                dups.append((path + (key,), k.start_mark.line + 1))
-            seen.add(key)
-            lines.setdefault(path + (key,), k.start_mark.line + 1)  # the key's line wins
-            _node_lines(v, path + (key,), lines, dups)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _node_lines(item, path + (i,), lines, dups)
-
-
-def read_yaml(label: str, text: str) -> tuple[Any, Source]:
-    """Parse YAML and keep a field-path -> line map for messages."""
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.load(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        line = mark.line + 1 if mark else 1
-        context = f" ({e.context})" if e.context else ""
-        raise ConfigError(
-            f"{label}:{line}: YAML syntax error: {e.problem}{context}. Fix: check indentation and "
-            "quoting around that line (quote values containing ': ', '#', '{' or '[')."
-        ) from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{label}:1: YAML error: {e}. Fix: check the file is valid YAML.") from None
-    lines: dict[tuple, int] = {}
-    dups: list = []
-    if node is not None:
-        _node_lines(node, (), lines, dups)
-    src = Source(label, lines)
-    if dups:
-        path, line = dups[0]
-        raise config_error(label, line, format_path(path), "this key appears twice", "keep only one of them")
-    return data, src
+def rdma_device(src: Source, path: tuple, value: Any, fix: str) -> str:
+    value = src.string(path, value, fix)
+    if any(c.isspace() for c in value):
+        raise src.error(path, f"{show(value)} contains whitespace", fix)
+    return value
 
 
 # ----------------------------------------------------------------------------- format detection
@@ -415,11 +247,9 @@ _HOST_KEYS = ("name", "ssh", "port", "ips", "slots", "memory_gb", "python", "cwd
 
 
 def _load_yaml(label: str, text: str) -> Hostfile:
-    data, src = read_yaml(label, text)
-    if data is None:
-        raise src.error((), "the file is empty", "list at least one host under hosts: (see docs/hostfile.md)")
-    src.mapping((), data, "start the file with top-level keys such as hosts: (see docs/hostfile.md)")
-    src.keys((), data, _TOP_KEYS)
+    data, src = read_yaml_mapping(
+        label, text, _TOP_KEYS, empty_fix="list at least one host under hosts: (see docs/hostfile.md)",
+        mapping_fix="start the file with top-level keys such as hosts: (see docs/hostfile.md)")
 
     raw_hosts = data.get("hosts")
     if not isinstance(raw_hosts, list) or not raw_hosts:
@@ -436,7 +266,7 @@ def _load_yaml(label: str, text: str) -> Hostfile:
     if backend is not None:
         backend = src.choice(("backend",), backend, BACKENDS, "pick a backend, or leave backend out")
     world = sum(h.slots for h in hosts)
-    port = DEFAULT_PORT
+    port = DEFAULT_DATA_PORT
     if "port" in data:
         port = src.integer(("port",), data["port"], 1, 65535, "a port number 1..65535",
                            "set port to a free TCP port, e.g. 52600")
@@ -471,14 +301,14 @@ def _yaml_host_fields(src: Source, path: tuple, raw: Any) -> dict:
     src.keys(path, raw, _HOST_KEYS)
     if "ssh" not in raw:
         raise src.error(path, "missing ssh", 'add ssh: <destination>, or ssh: local for this machine')
-    f: dict[str, Any] = {"ssh": src.ssh_destination(path + ("ssh",), raw["ssh"]), "_path": path}
+    f: dict[str, Any] = {"ssh": ssh_destination(src, path + ("ssh",), raw["ssh"]), "_path": path}
     if raw.get("name") is not None:
-        f["name"] = src.host_name(path + ("name",), raw["name"])
+        f["name"] = host_name(src, path + ("name",), raw["name"])
     if raw.get("port") is not None:
         f["port"] = src.integer(path + ("port",), raw["port"], 1, 65535, "an ssh port 1..65535",
                                 "set port to the host's sshd port, or leave it out for 22")
     if raw.get("ips") is not None:
-        f["ips"] = src.ip_list(path + ("ips",), raw["ips"])
+        f["ips"] = ip_list(src, path + ("ips",), raw["ips"])
     if "slots" in raw:
         f["slots"] = src.integer(path + ("slots",), raw["slots"], 1, 1 << 16, "a whole number >= 1",
                                  "set slots to the number of ranks to start on this host")
@@ -493,7 +323,7 @@ def _yaml_host_fields(src: Source, path: tuple, raw: Any) -> dict:
     if raw.get("rdma") is not None:
         p = path + ("rdma",)
         rdma = src.mapping(p, raw["rdma"], "write rdma as peer-host-name: device lines")
-        f["rdma"] = {str(peer): src.rdma_devices(p + (str(peer),), d) for peer, d in rdma.items()}
+        f["rdma"] = {str(peer): rdma_devices(src, p + (str(peer),), d) for peer, d in rdma.items()}
     return f
 
 
@@ -532,7 +362,7 @@ def _check_rdma_peers(src: Source, fields: list[dict]) -> None:
             if peer not in names:
                 others = [n for n in names if n != f["name"]]
                 raise src.error(
-                    p, f"unknown peer host {peer!r}{_did_you_mean(peer, names)}",
+                    p, f"unknown peer host {peer!r}{did_you_mean(peer, names)}",
                     f"key rdma by the name of another host: {', '.join(others)}" if others
                     else "remove rdma: there is no other host in this file",
                 )
@@ -593,8 +423,8 @@ def _load_mlx_json(label: str, text: str) -> Hostfile:
         p = ("envs", i)
         if not isinstance(item, str) or "=" not in item:
             raise src.error(p, f"expected \"NAME=value\", got {show(item)}", 'write each entry as "NAME=value"')
-        k, v = item.split("=", 1)
-        env.update(_one_env(src, p, k, v))
+        k, v = src.env_entry(p, *item.split("=", 1))
+        env[k] = v
 
     ssh_values, count = [], {}
     for i, h in enumerate(raw_hosts):
@@ -603,7 +433,7 @@ def _load_mlx_json(label: str, text: str) -> Hostfile:
         src.keys(p, h, _MLX_HOST_KEYS)
         if "ssh" not in h:
             raise src.error(p, "missing ssh", 'add "ssh": "<hostname>"')
-        ssh_values.append(src.ssh_destination(p + ("ssh",), h["ssh"]))
+        ssh_values.append(ssh_destination(src, p + ("ssh",), h["ssh"]))
     names = []
     for s in ssh_values:  # mlx repeats a host once per rank; keep names unique
         count[s] = count.get(s, 0) + 1
@@ -612,17 +442,10 @@ def _load_mlx_json(label: str, text: str) -> Hostfile:
     hosts = []
     for i, h in enumerate(raw_hosts):
         p = base + (i,)
-        ips = src.ip_list(p + ("ips",), h["ips"]) if h.get("ips") else ()
+        ips = ip_list(src, p + ("ips",), h["ips"]) if h.get("ips") else ()
         rdma = _mlx_rdma(src, p + ("rdma",), h.get("rdma") or [], i, names)
         hosts.append(Host(name=names[i], ssh=ssh_values[i], ips=ips, slots=1, rdma=rdma))
     return Hostfile(path=label, format="mlx-json", hosts=hosts, backend=backend, env=env)
-
-
-def _one_env(src: Source, path: tuple, key: str, value: str) -> dict[str, str]:
-    if not _ENV_KEY_RE.fullmatch(key):
-        raise src.error(path, f"{key!r} is not a valid environment variable name",
-                        "use letters, digits and _ only, not starting with a digit")
-    return {key: src.env_value(path, value)}
 
 
 def _mlx_rdma(src: Source, path: tuple, raw: Any, i: int, names: list[str]) -> dict:
@@ -638,7 +461,7 @@ def _mlx_rdma(src: Source, path: tuple, raw: Any, i: int, names: list[str]) -> d
             continue
         if j == i:
             raise src.error(path + (j,), f"entry {j} is this host itself and must be null", fix)
-        out[names[j]] = src.rdma_devices(path + (j,), dev)
+        out[names[j]] = rdma_devices(src, path + (j,), dev)
     return out
 
 
@@ -655,12 +478,12 @@ def _load_openmpi(label: str, text: str) -> Hostfile:
             continue
         src = Source(label, {(): lineno})
         host, *tokens = line.split()
-        src.ssh_destination((host,), host)
+        ssh_destination(src, (host,), host)
         n, max_n = 1, None
         for tok in tokens:
             key, eq, value = tok.partition("=")
             if not eq or key not in _MPI_KEYS:
-                raise src.error((host,), f"unknown token {tok!r}{_did_you_mean(key, _MPI_KEYS)}",
+                raise src.error((host,), f"unknown token {tok!r}{did_you_mean(key, _MPI_KEYS)}",
                                 "write lines as 'hostname slots=N [max_slots=M]'")
             if not value.isdigit() or int(value) < 1:
                 raise src.error((host, key), f"expected a whole number >= 1, got {value!r}",

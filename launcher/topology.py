@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from launcher.errors import ConfigError
-from launcher.hostfile import BACKENDS, Hostfile, Source, _did_you_mean, read_text, read_yaml, show
+from launcher.hostfile import BACKENDS, Hostfile, rdma_device
+from launcher.yamlsource import Source, did_you_mean, read_text, read_yaml_mapping, show
 
 
 class LinkKind(NamedTuple):
@@ -73,7 +74,7 @@ class Topology:
                 if end not in names:
                     raise ConfigError(
                         f"{self.path or 'topology'}:{ln.line or 1}: links[{i}].hosts: unknown host "
-                        f"{end!r}{_did_you_mean(end, names)}; {hostfile.label} has: {', '.join(names)}. "
+                        f"{end!r}{did_you_mean(end, names)}; {hostfile.label} has: {', '.join(names)}. "
                         "Fix: use host names from the hostfile (name:, or the ssh value when no name is set)."
                     )
 
@@ -140,11 +141,8 @@ _LINK_KEYS = ("hosts", "kind", "rdma", "bandwidth_gbps", "latency_us")
 
 def load_topology(path: str | os.PathLike) -> Topology:
     label, text = read_text(path, "topology")
-    data, src = read_yaml(label, text)
-    if data is None:
-        raise src.error((), "the file is empty", "add links: with one entry per cable (see docs/hostfile.md)")
-    src.mapping((), data, "start the file with links:")
-    src.keys((), data, _TOP_KEYS)
+    data, src = read_yaml_mapping(label, text, _TOP_KEYS, mapping_fix="start the file with links:",
+                                  empty_fix="add links: with one entry per cable (see docs/hostfile.md)")
     raw = data.get("links")
     if raw is None:
         raw = []
@@ -175,7 +173,7 @@ def _link(src: Source, path: tuple, raw: Any) -> Link:
             if end not in hosts:
                 raise src.error(rp + (str(end),), f"{str(end)!r} is not an end of this link ({hosts[0]}, {hosts[1]})",
                                 "key rdma by one of the link's two hosts")
-            rdma[end] = src.rdma_device(rp + (end,), dev, "give the RDMA device on that host, e.g. rdma_en3")
+            rdma[end] = rdma_device(src, rp + (end,), dev, "give the RDMA device on that host, e.g. rdma_en3")
     bw = lat = None  # None: the kind's default
     if raw.get("bandwidth_gbps") is not None:
         bw = src.number(path + ("bandwidth_gbps",), raw["bandwidth_gbps"], 1e-9, "a bandwidth in Gb/s > 0",
@@ -192,7 +190,7 @@ def _link(src: Source, path: tuple, raw: Any) -> Link:
 def check_backend(hostfile: Hostfile, backend: str, topology: Topology | None) -> None:
     """Refuse, before anything starts, a backend the hosts cannot run."""
     if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}{_did_you_mean(backend, BACKENDS)}. "
+        raise ConfigError(f"unknown backend {backend!r}{did_you_mean(backend, BACKENDS)}. "
                           f"Fix: use one of {', '.join(BACKENDS)}.")
     hosts, where = hostfile.hosts, hostfile.label
     if backend == "ring":

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.doctor import HostResult, judge
+from launcher.doctor import HostCheck as HostResult, judge
 from launcher.hostfile import Host
 from tests.launch_helpers import free_port, run
 

@@ -1,6 +1,6 @@
 """What the bench measures on the hosts themselves: rank processes' CPU time and peak memory,
-and each host's memory bandwidth. Each probe is a short Python program run with the host's
-interpreter, locally or over the system ssh, that prints one JSON line.
+and each host's memory bandwidth. Each probe is a launcher.remote snippet that answers once
+("result").
 
 Rank processes are found by an env marker (EXOLAUNCH_BENCH_TAG=<token>, set on every rank of
 both servers) plus a command-line substring, so the same probe serves exolaunch and the anchor.
@@ -8,13 +8,10 @@ both servers) plus a command-line substring, so the same probe serves exolaunch 
 
 from __future__ import annotations
 
-import json
-import subprocess
 import time
 from dataclasses import dataclass
 
-from launcher import ssh
-from launcher.backends import host_python
+from launcher import remote, ssh
 
 TAG_VAR = "EXOLAUNCH_BENCH_TAG"
 
@@ -22,8 +19,8 @@ TAG_VAR = "EXOLAUNCH_BENCH_TAG"
 # macOS: `ps -E` appends the environment to the command; there is no peak RSS, so the bench
 # keeps the largest RSS it sampled.
 _RANK_STATS = r"""
-import json, os, subprocess, sys
-tag, marker = sys.argv[1], sys.argv[2]
+import os, subprocess
+tag, marker = PARAMS["tag"], PARAMS["marker"]
 _NOT_RANKS = ("launcher.agent", "mpirun", "prterun", "orted", "mlx.launch", "launcher.bench.anchor")
 out = []
 if os.path.isdir("/proc/self"):
@@ -59,15 +56,15 @@ else:
         for p in parts:
             secs = secs * 60 + p
         out.append({"pid": int(pid), "cpu_s": secs, "rss_mb": int(rss) / 1024, "peak_mb": int(rss) / 1024})
-print(json.dumps(out))
+say("result", out)
 """
 
 # Decode streams the weights through memory, so the relevant figure is read bandwidth on the
 # device that decodes: the GPU via mlx where there is one (Apple silicon), else all CPU cores
 # summing their own large arrays (numpy releases the GIL).
 _BANDWIDTH = r"""
-import json, os, sys, threading, time
-mb = int(sys.argv[1])
+import os, threading, time
+mb = int(PARAMS["mb"])
 res = {}
 try:
     import mlx.core as mx
@@ -94,7 +91,7 @@ else:
         best = min(best, time.perf_counter() - t)
     res = {"gbs": sum(x.nbytes for x in arrs) / best / 1e9,
            "method": f"numpy sum over {mb} MiB on {n} CPU threads, best of 10"}
-print(json.dumps(res))
+say("result", res)
 """
 
 
@@ -107,28 +104,27 @@ class ProbeError(Exception):
         return f"probe on {self.host} failed: {self.message}"
 
 
-def run_probe(host, code: str, args: list[str], sopts: ssh.SshOptions, timeout: float = 60) -> object:
-    remote = [host_python(host), "-c", code, *args]
-    argv = remote if host.is_local else ssh.remote_argv(sopts, host, remote)
+def run_probe(host, code: str, params: dict, sopts: ssh.SshOptions, timeout: float = 60) -> object:
+    """The probe's "result" answer; ProbeError names the host and why there is none."""
     try:
-        p = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise ProbeError(host.name, f"no answer in {timeout:g} s")
+        r = remote.run(host, code, params, sopts, timeout=timeout)
     except OSError as e:
         raise ProbeError(host.name, str(e))
-    if p.returncode != 0:
-        raise ProbeError(host.name, (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1])
-    try:
-        return json.loads(p.stdout.strip().splitlines()[-1])
-    except (json.JSONDecodeError, IndexError):
-        raise ProbeError(host.name, f"unreadable output {p.stdout[-200:]!r}")
+    if r.timed_out:
+        raise ProbeError(host.name, f"no answer in {timeout:g} s")
+    if r.rc != 0:
+        raise ProbeError(host.name, ("\n".join(r.stderr).strip().splitlines() or [f"exit {r.rc}"])[-1])
+    if "result" not in r.answers:
+        other = "\n".join(r.other)
+        raise ProbeError(host.name, f"unreadable output {other[-200:]!r}")
+    return r.answers["result"]
 
 
 def rank_stats(hosts, tag: str, marker: str, sopts: ssh.SshOptions) -> list[dict]:
     """Every rank process whose env has TAG_VAR=tag on these hosts: [{host, pid, cpu_s, rss_mb, peak_mb}]."""
     out = []
     for h in hosts:
-        for r in run_probe(h, _RANK_STATS, [f"{TAG_VAR}={tag}", marker], sopts):
+        for r in run_probe(h, _RANK_STATS, {"tag": f"{TAG_VAR}={tag}", "marker": marker}, sopts):
             out.append({"host": h.name, **r})
     return sorted(out, key=lambda r: (r["host"], r["pid"]))
 
@@ -164,4 +160,4 @@ class RankMonitor:
 
 def bandwidth(hosts, sopts: ssh.SshOptions, mb: int = 512) -> dict[str, dict]:
     """Measured memory read bandwidth per host: {host: {"gbs": float, "method": str}}."""
-    return {h.name: run_probe(h, _BANDWIDTH, [str(mb)], sopts, timeout=120) for h in hosts}
+    return {h.name: run_probe(h, _BANDWIDTH, {"mb": mb}, sopts, timeout=120) for h in hosts}
