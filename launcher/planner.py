@@ -293,10 +293,13 @@ def _pp_problem(card: ModelCard, p: int) -> str | None:
 
 
 def split_layers(layers: int, weights: list[float]) -> list[int]:
-    """Layers per stage proportional to `weights`, each >= 1, summing to `layers`."""
+    """Layers per stage proportional to `weights`, each >= 1, summing to `layers`. With fewer
+    layers than stages, the first stages get one each and the rest none (_pp_problem refuses it)."""
     n = len(weights)
     if n == 0:
         return []
+    if layers < n:
+        return [1] * layers + [0] * (n - layers)
     total = sum(weights) or n
     raw = [layers * w / total if total else layers / n for w in weights]
     out = [max(1, int(math.floor(x))) for x in raw]

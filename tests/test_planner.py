@@ -235,6 +235,19 @@ def test_split_layers():
     assert split_layers(61, [1, 1, 1, 1]) == [16, 15, 15, 15]
     assert split_layers(10, [100, 1]) == [9, 1]
     assert sum(split_layers(94, [144, 96, 48])) == 94
+    assert split_layers(2, [1, 1, 1, 1]) == [1, 1, 0, 0]  # fewer layers than stages: refused by the plan
+
+
+def test_more_ranks_than_layers_is_refused_with_the_numbers():
+    # demo-kimi:tiny has 4 layers and 8 heads: 8 ranks run tensor parallel, not as 8 stages
+    hosts = [Host(name=f"m{i}", ssh=f"m{i}.local", ips=(f"10.0.0.{i + 1}",), memory_gb=64) for i in range(8)]
+    hf = Hostfile(path="eight.yaml", hosts=hosts)
+    topo = Topology(links=[Link(a.name, b.name, "tb5") for i, a in enumerate(hosts) for b in hosts[i + 1:]])
+    plan = plan_for("demo-kimi:tiny", hf, topo)
+    assert plan.fits and plan.sharding == "tensor"
+    pipe = next(a for a in plan.alternatives if a.sharding == "pipeline")
+    assert any("4 layers cannot be split into 8 pipeline stages" in p for p in pipe.problems)
+    assert not plan_for("demo-kimi:tiny", hf, topo, sharding="pipeline").fits
 
 
 # ----------------------------------------------------------------------------- estimates
@@ -305,6 +318,12 @@ def test_cli_plan_that_does_not_fit_exits_1():
              "plan", "kimi-k2")
     assert p.returncode == 1
     assert "DOES NOT FIT" in p.stdout and "iogpu.wired_limit_mb" in p.stdout
+
+
+def test_cli_run_with_more_ranks_than_layers_is_refused_not_a_bug():
+    p = _cli("run", "demo-kimi:tiny", "-n", "8", "--sharding", "pipeline", "--skip-doctor")
+    assert p.returncode == 5, p.stderr
+    assert "cannot be split into 8 pipeline stages" in p.stderr and "internal error" not in p.stderr
 
 
 def test_cli_plan_unknown_model_is_a_config_error():
