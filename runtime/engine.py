@@ -29,18 +29,10 @@ from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from runtime import constrain
 from runtime.requests import (
-    FinishEvent, GenerationRequest, RequestHandle, TokenEvent,
+    EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, RequestHandle, TokenEvent,
 )
 
 log = logging.getLogger("exolaunch.engine")
-
-
-class PromptTooLong(ValueError):
-    pass
-
-
-class EngineFailed(RuntimeError):
-    pass
 
 
 def _greedy(logprobs: mx.array) -> mx.array:

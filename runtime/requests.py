@@ -1,8 +1,10 @@
-"""The one internal request type and event stream that every API dialect maps onto.
+"""The one internal request type and event stream that every API dialect maps onto, and the
+`Engine` protocol: what the API may use of the engine, with the errors `submit` raises.
 
-A dialect adapter turns its wire request into a GenerationRequest, submits it to the engine
-(rank 0) and turns the RequestHandle's events into its wire format. No adapter reaches into
-the engine beyond `Engine.submit`, `Engine.tokenizer` and the handle.
+A dialect adapter turns its wire request into a GenerationRequest, submits it through the
+serving handle (runtime/api/generation.py) and turns the RequestHandle's events into its wire
+format. Nothing in the API uses the engine beyond `Engine` below; runtime/engine.py implements
+it, tests/fake_engine.py fakes it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,8 @@ import asyncio
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import AsyncIterator, Literal
+from os import PathLike
+from typing import Any, AsyncIterator, Literal, Protocol
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -117,3 +120,37 @@ class RequestHandle:
             yield ev
             if isinstance(ev, FinishEvent):
                 return
+
+
+class PromptTooLong(ValueError):
+    """The prompt plus max_tokens does not fit the context window (the API says 400)."""
+
+
+class EngineFailed(RuntimeError):
+    """The engine cannot take requests: it failed, or it is shutting down (the API says 503)."""
+
+
+class Engine(Protocol):
+    """What rank 0's API uses of the engine. Read-only properties: plain attributes satisfy
+    them."""
+
+    @property
+    def model_id(self) -> str: ...
+    @property
+    def model_path(self) -> str | PathLike | None: ...  # the weights directory, if any
+    @property
+    def context_length(self) -> int: ...
+    @property
+    def created(self) -> int: ...  # unix time the engine was built (OpenAI's model card)
+    @property
+    def tokenizer(self) -> Any: ...  # mlx-lm's TokenizerWrapper
+    @property
+    def ready(self) -> bool: ...  # every rank has loaded and the step loop runs
+    @property
+    def failed(self) -> str | None: ...  # why the engine can no longer serve, once it cannot
+
+    def submit(self, req: GenerationRequest,
+               loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
+        """Queue a request; raises PromptTooLong, EngineFailed, or ValueError (a bad request,
+        e.g. constrain.UnsupportedGrammar)."""
+        ...

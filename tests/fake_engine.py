@@ -1,11 +1,12 @@
-"""An engine that keeps the Engine contract but fails on purpose, for the API failure tests."""
+"""An engine that keeps the Engine protocol (runtime/requests.py) but fails on purpose, for the API
+failure tests."""
 
 from __future__ import annotations
 
 import threading
 import time
 
-from runtime.requests import FinishEvent, RequestHandle, TokenEvent
+from runtime.requests import EngineFailed, FinishEvent, RequestHandle, TokenEvent
 
 
 class FakeTokenizer:
@@ -47,8 +48,6 @@ class FakeEngine:
 
     def submit(self, req, loop=None):
         if self.failed:
-            from runtime.engine import EngineFailed
-
             raise EngineFailed(self.failed)
         h = RequestHandle(req, loop)
 

@@ -1,14 +1,24 @@
-"""Rank 0's HTTP API: one app, one thin adapter module per dialect.
+"""Rank 0's HTTP API: one app, one thin adapter module per dialect over one shared core.
 
     app.py          create_app(engine, api_key=...): health, readiness, auth, error handlers
     openai.py       OpenAI chat completions, completions, models
-    generation.py   the serving context every dialect uses (model names, tokenization thread,
-                    submit n requests, merged events, cancel on disconnect / failure)
+    responses.py    OpenAI Responses (/v1/responses)
+    anthropic.py    Anthropic Messages (/v1/messages, count_tokens)
+    ollama.py       Ollama's /api/chat and /api/generate (and its error shape under /api)
+    ollama_models.py
+                    Ollama's model names and routes: /api/tags, show, ps, version, `/`
+    generation.py   the serving handle every dialect uses (model fields and names, readiness,
+                    tokenization thread, submit n requests, merged events, cancel on disconnect
+                    / failure); the engine only through the `Engine` protocol (runtime/requests.py)
+    core.py         what the dialects do alike: sampling rules, grammar checks, split events,
+                    logprob entries, the stream guard and the reply (stream or collected)
+    tools.py        tool calling: validation, the model's call syntax, forcing grammars,
+                    streaming parser and splitter, messages for the next turn
     prompt.py       chat template rendering, completion prompts, token bytes for logprobs
     sse.py          SSE framing and a response that cancels its work when the client leaves
     auth.py         bearer / x-api-key check (everything but /health)
     errors.py       APIError and the handlers (OpenAI error objects; per-prefix formats)
-    server.py       uvicorn: serve() blocking, start_server() in a background thread
+    server.py       uvicorn in a background thread: start_server()
 
 Decisions where the OpenAI spec is silent or this server differs:
 - Readiness is GET/HEAD /ready (not /v1/ready); it needs the API key like every route but
@@ -25,6 +35,6 @@ Decisions where the OpenAI spec is silent or this server differs:
 """
 
 from .app import create_app
-from .server import DEFAULT_HOST, DEFAULT_PORT, APIServer, serve, start_server
+from .server import DEFAULT_HOST, DEFAULT_PORT, APIServer, start_server
 
-__all__ = ["create_app", "serve", "start_server", "APIServer", "DEFAULT_HOST", "DEFAULT_PORT"]
+__all__ = ["create_app", "start_server", "APIServer", "DEFAULT_HOST", "DEFAULT_PORT"]

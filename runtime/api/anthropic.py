@@ -41,7 +41,6 @@ dialect of this server say, and the SDK retries both the same way.
 from __future__ import annotations
 
 import json
-import logging
 import re
 import uuid
 from dataclasses import dataclass, field
@@ -49,22 +48,20 @@ from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .. import constrain
-from ..requests import FinishEvent, SamplingParams, TokenEvent
+from ..requests import FinishEvent, SamplingParams
 from . import tools as toolkit
-from .errors import APIError, bad_request, internal, register_error_format
-from .generation import Serving, cancel_on_disconnect
-from .prompt import encode_text, render_chat
-from .sse import EventStreamResponse, sse_event
-
-log = logging.getLogger("exolaunch.api")
+from .core import StrictBody, reply, request_grammar, sampling, split_events, stop_strings
+from .errors import APIError, bad_request, register_error_format
+from .generation import Serving
+from .prompt import encode_continuation, encode_text, render_chat
+from .sse import sse_event
 
 router = APIRouter()
 
 PREFIX = "/v1/messages"
-MAX_STOP = 16
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
 
 
@@ -104,29 +101,25 @@ register_error_format(PREFIX, render_error)
 # ------------------------------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class Message(_Body):
+class Message(StrictBody):
     role: Literal["user", "assistant"]
     content: str | list[dict[str, Any]]
 
 
-class ToolDef(_Body):
+class ToolDef(StrictBody):
     name: str
     description: str | None = None
     input_schema: dict[str, Any] | None = None
     type: str | None = None  # "custom", or a server tool ("web_search_20250305", ...)
 
 
-class ToolChoice(_Body):
+class ToolChoice(StrictBody):
     type: Literal["auto", "any", "tool", "none"]
     name: str | None = None
     disable_parallel_tool_use: bool | None = None  # accepted; one call per turn when forced
 
 
-class _Shared(_Body):
+class _Shared(StrictBody):
     model: str
     messages: list[Message] = Field(min_length=1)
     system: str | list[dict[str, Any]] | None = None
@@ -187,11 +180,7 @@ def _tools(body: _Shared) -> list[toolkit.Tool]:
                               f"{where}.input_schema")
         out.append(toolkit.Tool(name=t.name, description=t.description or "",
                                 parameters=t.input_schema))
-    names = [t.name for t in out]
-    dup = {n for n in names if names.count(n) > 1}
-    if dup:
-        raise bad_request(f"tools: duplicate tool name {sorted(dup)[0]!r}", "tools")
-    return out
+    return toolkit.unique_tools(out)
 
 
 def _choice(body: _Shared, tools: list[toolkit.Tool]) -> str | dict:
@@ -207,9 +196,6 @@ def _choice(body: _Shared, tools: list[toolkit.Tool]) -> str | dict:
         return "required"
     if not tc.name:
         raise bad_request("tool_choice.name: required with type 'tool'", "tool_choice.name")
-    if tc.name not in {t.name for t in tools}:
-        raise bad_request(f"tool_choice.name: no tool named {tc.name!r} in tools",
-                          "tool_choice.name")
     return {"name": tc.name}
 
 
@@ -290,24 +276,16 @@ def chat_messages(body: _Shared) -> tuple[list[dict], str | None]:
 @dataclass
 class Prepared:
     tokens: list[int]
-    tools: list[toolkit.Tool] = field(default_factory=list)
-    choice: str | dict = "auto"
+    setup: toolkit.ToolSetup = field(default_factory=toolkit.ToolSetup)
     grammar: dict | None = None
-
-
-def _encode_continuation(tokenizer, text: str) -> list[int]:
-    try:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:
-        ids = tokenizer.encode(text)
-    return [int(t) for t in ids]
 
 
 def prepare(serving: Serving, body: _Shared, *, with_grammar: bool) -> Prepared:
     """Runs on the tokenizer thread: prompt tokens (and the grammar for a forced tool)."""
     tok = serving.tokenizer
     tools = _tools(body)
-    choice = _choice(body, tools)
+    setup = toolkit.ToolSetup(tools, toolkit.checked_choice(tools, _choice(body, tools),
+                                                            "tool_choice.name"))
     messages, prefill = chat_messages(body)
     kwargs: dict[str, Any] = {}
     if tools:
@@ -319,27 +297,16 @@ def prepare(serving: Serving, body: _Shared, *, with_grammar: bool) -> Prepared:
     else:
         raise bad_request("messages: at least one user message is required", "messages")
     if prefill:
-        tokens = tokens + _encode_continuation(tok, prefill)
-    grammar = None
+        tokens = tokens + encode_continuation(tok, prefill)
     fmt = _output_format(body)
-    if with_grammar and tools and choice not in ("auto", "none"):
-        if fmt is not None:
-            raise bad_request("output_config.format: cannot be combined with a tool_choice "
-                              "that forces a tool", "output_config.format")
-        try:
-            grammar = toolkit.forced_grammar(tok, tools, choice)
-            if grammar is not None:
-                constrain.validate(grammar, tok)
-        except ValueError as e:  # constrain.UnsupportedGrammar: a schema we cannot enforce
-            raise bad_request(f"tools: {e}", "tools") from None
-    elif with_grammar and fmt is not None:
-        grammar = constrain.json_schema(fmt)
-        try:
-            constrain.validate(grammar, tok)
-        except ValueError as e:
-            raise bad_request(f"output_config.format.schema: {e}",
-                              "output_config.format.schema") from None
-    return Prepared(tokens, tools, choice, grammar)
+    if not with_grammar:
+        return Prepared(tokens, setup)
+    if setup.forced and fmt is not None:
+        raise bad_request("output_config.format: cannot be combined with a tool_choice "
+                          "that forces a tool", "output_config.format")
+    fmt_grammar = None if fmt is None else constrain.json_schema(fmt)
+    return Prepared(tokens, setup,
+                    request_grammar(tok, setup, fmt_grammar, "output_config.format.schema"))
 
 
 def _output_format(body: _Shared) -> dict | None:
@@ -360,15 +327,11 @@ def _output_format(body: _Shared) -> dict | None:
 
 
 def _params(body: MessagesRequest, grammar: dict | None) -> SamplingParams:
-    temperature = 1.0 if body.temperature is None else float(body.temperature)
-    top_p = 1.0 if body.top_p is None else float(body.top_p)
-    if top_p == 0.0:  # only the most likely token survives: greedy
-        temperature, top_p = 0.0, 1.0
-    stops = list(body.stop_sequences or [])
-    if len(stops) > MAX_STOP:
-        raise bad_request(f"stop_sequences: at most {MAX_STOP}", "stop_sequences")
+    temperature, top_p = sampling(body.temperature, body.top_p)
     return SamplingParams(max_tokens=body.max_tokens, temperature=temperature, top_p=top_p,
-                          top_k=body.top_k or 0, stop=[s for s in stops if s], grammar=grammar)
+                          top_k=body.top_k or 0,
+                          stop=stop_strings(body.stop_sequences, "stop_sequences"),
+                          grammar=grammar)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -385,14 +348,13 @@ def _tool_input(call: toolkit.ToolCall) -> dict[str, Any]:
 
 
 class Blocks:
-    """Generated text -> Anthropic content blocks, as stream events and as the final list.
+    """The splitter's text pieces and tool calls -> Anthropic content blocks, as stream events
+    and as the final list.
 
-    Text goes through the tool-call parser when tools are in play. A text block opens only once
-    it has non-whitespace text, so whitespace around tool calls never becomes a block; text
-    that is whitespace only and alone is kept (one text block)."""
+    A text block opens only once it has non-whitespace text, so whitespace around tool calls
+    never becomes a block; text that is whitespace only and alone is kept (one text block)."""
 
-    def __init__(self, parser: Any | None):
-        self.parser = parser
+    def __init__(self):
         self.content: list[dict[str, Any]] = []
         self.open = False  # the last block is a text block still open
         self.pending = ""  # whitespace not yet given to a block
@@ -444,21 +406,14 @@ class Blocks:
         out.append(self._stop())
         return out
 
-    def _items(self, items: list) -> list[bytes]:
+    def feed(self, items: list[toolkit.ToolItem]) -> list[bytes]:
         out: list[bytes] = []
         for it in items:
             out += self._text(it) if isinstance(it, str) else self._call(it)
         return out
 
-    def feed(self, text: str) -> list[bytes]:
-        if not text:
-            return []
-        if self.parser is None:
-            return self._text(text)
-        return self._items(self.parser.feed(text))
-
     def finish(self) -> list[bytes]:
-        out = self._items(self.parser.finish()) if self.parser is not None else []
+        out: list[bytes] = []
         if self.pending and not self.content:  # whitespace-only output: still the answer
             pending, self.pending = self.pending, ""
             out += self._text(pending, force=True)
@@ -487,21 +442,9 @@ def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _serving(request: Request) -> Serving:
-    return request.app.state.serving
-
-
-def _parser(tokenizer, prep: Prepared) -> Any | None:
-    if not prep.tools or prep.choice == "none":
-        return None
-    return toolkit.ToolCallStream(tokenizer, prep.tools)
-
-
 @router.post(PREFIX)
 async def messages(request: Request, body: MessagesRequest):
-    serving = _serving(request)
-    model = serving.resolve_model(body.model)
-    serving.check_serving()
+    serving, model = Serving.admit(request, body.model)
     prep = await serving.run_sync(prepare, serving, body, with_grammar=True)
     params = _params(body, prep.grammar)
     mid = f"msg_{uuid.uuid4().hex[:24]}"
@@ -516,63 +459,49 @@ async def messages(request: Request, body: MessagesRequest):
 
     async def run(blocks: Blocks) -> AsyncIterator[bytes]:
         """Every content event, in order; sets blocks.fin at the end."""
-        async for _, ev in gen.events():
-            if isinstance(ev, TokenEvent):
-                for chunk in blocks.feed(ev.text):
-                    yield chunk
-            else:
+        async for _, ev, items in split_events(gen, [toolkit.Splitter(serving.tokenizer,
+                                                                      prep.setup)]):
+            for chunk in blocks.feed(items):
+                yield chunk
+            if isinstance(ev, FinishEvent):
                 blocks.fin = ev
-                for chunk in blocks.feed(ev.text) + blocks.finish():
+                for chunk in blocks.finish():
                     yield chunk
 
-    if body.stream:
-        async def stream() -> AsyncIterator[bytes]:
-            blocks = Blocks(_parser(serving.tokenizer, prep))
-            yield sse_event("message_start", {"type": "message_start", "message": message(
-                [], None, None, _usage(n_in, 0))})
-            yield sse_event("ping", {"type": "ping"})
-            try:
-                async for chunk in run(blocks):
-                    yield chunk
-            except APIError as e:
-                yield sse_event("error", error_body(e))
-                return
-            except Exception:
-                log.exception("anthropic stream failed")
-                yield sse_event("error", error_body(internal()))
-                return
-            fin = blocks.fin
-            reason, seq = stop_reason(fin, blocks)
-            n_out = fin.completion_tokens if fin else 0
-            yield sse_event("message_delta", {
-                "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
-                "usage": {"input_tokens": fin.prompt_tokens if fin and fin.prompt_tokens
-                          else n_in, "output_tokens": n_out}})
-            yield sse_event("message_stop", {"type": "message_stop"})
+    def ending(blocks: Blocks) -> tuple[str, str | None, int, int]:
+        """stop_reason, stop_sequence, input and output tokens."""
+        fin = blocks.fin
+        return (*stop_reason(fin, blocks), fin.prompt_tokens if fin and fin.prompt_tokens else n_in,
+                fin.completion_tokens if fin else 0)
 
-        return EventStreamResponse(stream(), on_close=gen.cancel)
+    async def stream() -> AsyncIterator[bytes]:
+        blocks = Blocks()
+        yield sse_event("message_start", {"type": "message_start", "message": message(
+            [], None, None, _usage(n_in, 0))})
+        yield sse_event("ping", {"type": "ping"})
+        async for chunk in run(blocks):
+            yield chunk
+        reason, seq, n_prompt, n_out = ending(blocks)
+        yield sse_event("message_delta", {
+            "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
+            "usage": {"input_tokens": n_prompt, "output_tokens": n_out}})
+        yield sse_event("message_stop", {"type": "message_stop"})
 
-    async def work() -> dict[str, Any]:
-        blocks = Blocks(_parser(serving.tokenizer, prep))
+    async def collect() -> dict[str, Any]:
+        blocks = Blocks()
         async for _ in run(blocks):
             pass
-        fin = blocks.fin
-        reason, seq = stop_reason(fin, blocks)
-        n_out = fin.completion_tokens if fin else 0
-        n_prompt = fin.prompt_tokens if fin and fin.prompt_tokens else n_in
+        reason, seq, n_prompt, n_out = ending(blocks)
         return message(blocks.content, reason, seq, _usage(n_prompt, n_out))
 
-    try:
-        return await cancel_on_disconnect(request, work())
-    finally:
-        gen.cancel()
+    # A failure after the stream started is one `error` event, and the stream ends there.
+    return await reply(request, gen, bool(body.stream), stream, collect,
+                       lambda e: [sse_event("error", error_body(e))])
 
 
 @router.post(PREFIX + "/count_tokens")
 async def count_tokens(request: Request, body: CountTokensRequest):
-    serving = _serving(request)
-    serving.resolve_model(body.model)
-    serving.check_serving()
+    serving, _ = Serving.admit(request, body.model)
     prep = await serving.run_sync(prepare, serving, body, with_grammar=False)
     return {"input_tokens": len(prep.tokens)}
 

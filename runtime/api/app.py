@@ -10,8 +10,10 @@ Routes
     GET  /v1/models, /v1/models/{id}
     POST /v1/responses               OpenAI Responses (runtime/api/responses.py)
     POST /v1/messages, /v1/messages/count_tokens   Anthropic (runtime/api/anthropic.py)
-    /api/chat, /api/generate, /api/tags, /api/show, /api/ps, /api/version, GET|HEAD /
-                                     Ollama (runtime/api/ollama.py; `/` needs the key too)
+    /api/chat, /api/generate         Ollama (runtime/api/ollama.py)
+    /api/tags, /api/show, /api/ps, /api/version, GET|HEAD /
+                                     Ollama's model routes (runtime/api/ollama_models.py; `/`
+                                     needs the key too)
 
 Auth: with api_key set, every route except /health needs `Authorization: Bearer KEY` (or
 `x-api-key: KEY`); otherwise 401. Errors are OpenAI error objects (runtime/api/errors.py);
@@ -20,13 +22,13 @@ request validation failures are 400 (not FastAPI's 422) naming the field.
 
 from __future__ import annotations
 
-from typing import Any
-
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from ..requests import Engine
 from . import anthropic as anthropic_dialect
 from . import ollama as ollama_dialect
+from . import ollama_models
 from . import openai as openai_dialect
 from . import responses as responses_dialect
 from .auth import APIKeyMiddleware
@@ -34,19 +36,9 @@ from .errors import install_error_handlers
 from .generation import Serving
 
 
-def readiness(engine: Any) -> tuple[bool, dict[str, Any]]:
-    failed = getattr(engine, "failed", None)
-    if failed:
-        return False, {"status": "failed", "reason": str(failed)}
-    if not getattr(engine, "ready", False):
-        return False, {"status": "loading", "reason": "the model is still loading on the ranks"}
-    return True, {"status": "ready", "model": str(engine.model_id)}
-
-
-def create_app(engine: Any, *, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     app = FastAPI(title="exolaunch", version="0.1.0", docs_url=None, redoc_url=None,
                   openapi_url=None)
-    app.state.engine = engine
     app.state.serving = Serving(engine)
     install_error_handlers(app)
 
@@ -56,13 +48,17 @@ def create_app(engine: Any, *, api_key: str | None = None) -> FastAPI:
 
     @app.api_route("/ready", methods=["GET", "HEAD"], include_in_schema=False)
     async def ready(request: Request):
-        ok, body = readiness(request.app.state.engine)
-        return JSONResponse(body, status_code=200 if ok else 503)
+        serving = Serving.of(request)
+        status, why = serving.state()
+        if status == "ready":
+            return {"status": status, "model": serving.model_id}
+        return JSONResponse({"status": status, "reason": why}, status_code=503)
 
     app.include_router(openai_dialect.router)
     app.include_router(responses_dialect.router)
     app.include_router(anthropic_dialect.router)
     app.include_router(ollama_dialect.router)
+    app.include_router(ollama_models.router)
 
     if api_key:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)

@@ -1,7 +1,11 @@
-"""What every dialect does between its wire format and the engine: the serving context.
+"""The serving handle: everything a dialect uses of the engine, and the engine's errors in HTTP.
 
-`Serving` (one per app, at `app.state.serving`) holds the engine and
-- resolves the requested model name (`resolve_model`: 404 if it is not the served one),
+`Serving` (one per app, `Serving.of(request)`) holds the engine (an `Engine`, the protocol in
+runtime/requests.py) and
+- exposes the model fields (id, path, context length, creation time, tokenizer),
+- decides whether requests are taken (`state`: /ready and every route ask it),
+- resolves the requested model name (`resolve_model`: 404 if it is not the served one;
+  `admit` does both for a route),
 - runs tokenization off the event loop (one worker thread, so the HF tokenizer is never used
   by two request threads at once),
 - submits n engine requests for one API request (`submit` -> `Generation`), mapping
@@ -10,9 +14,10 @@
   `APIError` and never hanging: if the engine fails without finishing a request, a watchdog
   notices `engine.failed` within `poll_interval` seconds and finishes it with an error,
 - cancels every request that has not finished when the consumer stops early (client gone,
-  error, server shutdown): `Generation.events()`'s `finally`.
+  error, server shutdown): `Generation.events()`'s `finally`; `cancel_on_disconnect` does
+  the same for a non-streaming answer whose client leaves.
 
-Dialects only use `Engine.submit`, `Engine.tokenizer`, the model fields and the handles.
+Dialects use the engine only through `Serving`: it keeps the engine private.
 """
 
 from __future__ import annotations
@@ -28,7 +33,10 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
-from ..requests import FinishEvent, GenerationRequest, RequestHandle, SamplingParams, TokenEvent
+from ..requests import (
+    Engine, EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, RequestHandle,
+    SamplingParams, TokenEvent,
+)
 from .errors import APIError, SERVER_ERROR, bad_request, internal, not_found, unavailable
 from .prompt import TokenText
 
@@ -39,20 +47,6 @@ T = TypeVar("T")
 
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-def _engine_error_types() -> tuple[type[BaseException], type[BaseException]]:
-    try:
-        from ..engine import EngineFailed, PromptTooLong
-    except ImportError:  # engine module not importable: match by name below
-        return (), ()  # type: ignore[return-value]
-    return PromptTooLong, EngineFailed
-
-
-def _is(exc: BaseException, types: Any, name: str) -> bool:
-    if types and isinstance(exc, types):
-        return True
-    return any(c.__name__ == name for c in type(exc).__mro__)
 
 
 @dataclass
@@ -88,7 +82,7 @@ class Generation:
             return
         self.finished[i] = True
         if ev.reason == "error":
-            failed = getattr(self.serving.engine, "failed", None)
+            failed = self.serving.failed
             if failed:
                 raise engine_failed(failed)
             log.error("request %s failed in the engine: %s", self.handles[i].id, ev.error)
@@ -101,10 +95,9 @@ class Generation:
     async def _watchdog(self) -> None:
         """An engine that fails without finishing our requests must not hang them: once
         `engine.failed` is set, finish every open handle with an error event."""
-        engine = self.serving.engine
         while True:
             await asyncio.sleep(self.serving.poll_interval)
-            failed = getattr(engine, "failed", None)
+            failed = self.serving.failed
             if failed:
                 for h in self.handles:
                     if not h.done:
@@ -170,19 +163,45 @@ def engine_failed(reason: str) -> APIError:
 class Serving:
     poll_interval = 0.5
 
-    def __init__(self, engine: Any):
-        self.engine = engine
+    def __init__(self, engine: Engine):
+        self._engine = engine
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exolaunch-tokenize")
         self._token_text: TokenText | None = None
+
+    @staticmethod
+    def of(request: Request) -> "Serving":
+        return request.app.state.serving
+
+    @staticmethod
+    def admit(request: Request, model: str | None) -> tuple["Serving", str]:
+        """The handle and the served model id, for a request the engine can take now: 404 for
+        another model, 503 while loading or once failed."""
+        serving = Serving.of(request)
+        model_id = serving.resolve_model(model)
+        serving.check_serving()
+        return serving, model_id
 
     # --- model -------------------------------------------------------------------------------
     @property
     def model_id(self) -> str:
-        return str(self.engine.model_id)
+        return str(self._engine.model_id)
+
+    @property
+    def model_path(self) -> str | None:
+        path = self._engine.model_path
+        return None if path is None else str(path)
+
+    @property
+    def context_length(self) -> int:
+        return int(self._engine.context_length)
+
+    @property
+    def created(self) -> int:
+        return int(self._engine.created or 0)
 
     @property
     def tokenizer(self):
-        return self.engine.tokenizer
+        return self._engine.tokenizer
 
     @property
     def token_text(self) -> TokenText:
@@ -194,10 +213,10 @@ class Serving:
         mid = self.model_id
         base = mid.rstrip("/").rsplit("/", 1)[-1]
         names = {mid, "default", base, base.split(":", 1)[0]}  # "demo-llama" for "demo-llama:100m"
-        path = getattr(self.engine, "model_path", None)
+        path = self.model_path
         if path is not None:
-            names.add(str(path))
-            names.add(os.path.basename(str(path).rstrip("/")))
+            names.add(path)
+            names.add(os.path.basename(path.rstrip("/")))
         return names
 
     def resolve_model(self, name: str | None, param: str = "model") -> str:
@@ -213,11 +232,25 @@ class Serving:
                         f"'{self.model_id}'", param, "model_not_found")
 
     # --- engine state ------------------------------------------------------------------------
-    def check_serving(self) -> None:
-        failed = getattr(self.engine, "failed", None)
+    @property
+    def failed(self) -> str | None:
+        return self._engine.failed
+
+    def state(self) -> tuple[str, str]:
+        """("ready" | "loading" | "failed", why): the one place that decides whether the engine
+        takes requests (/ready reports it, `check_serving` enforces it)."""
+        failed = self._engine.failed
         if failed:
-            raise engine_failed(failed)
-        if not getattr(self.engine, "ready", True):
+            return "failed", str(failed)
+        if not self._engine.ready:
+            return "loading", "the model is still loading on the ranks"
+        return "ready", ""
+
+    def check_serving(self) -> None:
+        status, why = self.state()
+        if status == "failed":
+            raise engine_failed(why)
+        if status == "loading":
             raise unavailable("the model is still loading: retry shortly", "not_ready")
 
     async def run_sync(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -230,20 +263,19 @@ class Serving:
                      prompt_param: str = "prompt") -> Generation:
         self.check_serving()
         loop = asyncio.get_running_loop()
-        too_long, failed_t = _engine_error_types()
         handles: list[RequestHandle] = []
         try:
             for k, (tokens, params) in enumerate(jobs):
                 req = GenerationRequest(prompt_tokens=tokens, params=params,
                                         id=f"{request_id}-{k}")
-                handles.append(self.engine.submit(req, loop))
+                handles.append(self._engine.submit(req, loop))
         except BaseException as e:
             for h in handles:
                 h.cancel()
-            if _is(e, too_long, "PromptTooLong"):
+            if isinstance(e, PromptTooLong):
                 raise APIError(400, str(e), "invalid_request_error", prompt_param,
                                "context_length_exceeded") from None
-            if _is(e, failed_t, "EngineFailed"):
+            if isinstance(e, EngineFailed):
                 raise engine_failed(str(e)) from None
             if isinstance(e, ValueError):
                 raise bad_request(str(e)) from None

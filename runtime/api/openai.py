@@ -29,28 +29,28 @@ cannot be combined with response_format (400). Completions ignore response_forma
 
 from __future__ import annotations
 
-import logging
-import math
 import time
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .. import constrain
 from ..requests import FinishEvent, SamplingParams, TokenEvent
-from .errors import APIError, bad_request, internal
-from .generation import Collected, Generation, Serving, cancel_on_disconnect, new_id
+from .core import (
+    StrictBody, finite, max_tokens_or_rest, reply, request_grammar, sampling, seed_for,
+    split_events, stop_or_length, stop_strings, token_logprob,
+)
+from .errors import bad_request
+from .generation import Collected, Generation, Serving, new_id
 from .prompt import check_token_ids, encode_text, normalize_messages, render_chat
-from .sse import DONE, EventStreamResponse, sse_data
-from .tools import Tool, ToolCall, ToolCallStream, forced_grammar, function_tools, template_tools
-
-log = logging.getLogger("exolaunch.api")
+from .sse import DONE, sse_data
+from .tools import (
+    Splitter, Tool, ToolCall, ToolSetup, checked_choice, function_tools, parse_tool_calls,
+    template_tools,
+)
 
 router = APIRouter()
-
-MAX_STOP = 16
-SEED_MOD = 1 << 63
 
 
 # ------------------------------------------------------------------------------------------------
@@ -58,15 +58,11 @@ SEED_MOD = 1 << 63
 # ------------------------------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class StreamOptions(_Body):
+class StreamOptions(StrictBody):
     include_usage: bool | None = False
 
 
-class ChatMessage(_Body):
+class ChatMessage(StrictBody):
     role: str
     content: str | list[dict[str, Any] | str] | None = None
     name: str | None = None
@@ -74,7 +70,7 @@ class ChatMessage(_Body):
     tool_call_id: str | None = None
 
 
-class _Common(_Body):
+class _Common(StrictBody):
     model: str | None = None
     max_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
@@ -115,56 +111,17 @@ class CompletionRequest(_Common):
 # ------------------------------------------------------------------------------------------------
 
 
-def _serving(request: Request) -> Serving:
-    return request.app.state.serving
-
-
-def _stops(stop: str | list[str] | None) -> list[str]:
-    if stop is None:
-        return []
-    stops = [stop] if isinstance(stop, str) else list(stop)
-    if len(stops) > MAX_STOP:
-        raise bad_request(f"stop: at most {MAX_STOP} stop sequences", "stop")
-    return [s for s in stops if s]
-
-
-def _params(body: _Common, max_tokens: int | None, prompt_len: int, context_length: int,
+def _params(serving: Serving, body: _Common, max_tokens: int | None, prompt_len: int,
             logprobs: bool, top_logprobs: int, grammar: dict | None = None) -> list[SamplingParams]:
-    n = body.n or 1
-    temperature = 1.0 if body.temperature is None else float(body.temperature)
-    top_p = 1.0 if body.top_p is None else float(body.top_p)
-    if top_p == 0.0:  # only the most likely token survives: greedy
-        temperature, top_p = 0.0, 1.0
-    if max_tokens is None:  # OpenAI: up to the rest of the context (>= 1 so the engine says
-        max_tokens = max(1, context_length - prompt_len)  # "too long" with the numbers)
-    stops = _stops(body.stop)
-    out = []
-    for i in range(n):
-        out.append(SamplingParams(
-            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=body.top_k or 0,
-            seed=None if body.seed is None else (body.seed + i) % SEED_MOD,
-            stop=list(stops), logprobs=logprobs, top_logprobs=top_logprobs if logprobs else 0,
-            ignore_eos=bool(body.ignore_eos), grammar=grammar,
-        ))
-    return out
-
-
-def _finish_reason(ev: FinishEvent | None) -> str:
-    if ev is None or ev.reason not in ("stop", "length"):
-        return "stop"
-    return ev.reason
-
-
-def _lp(x: float | None) -> float | None:
-    if x is None:
-        return None
-    x = float(x)
-    return x if math.isfinite(x) else -9999.0
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    temperature, top_p = sampling(body.temperature, body.top_p)
+    max_tokens = max_tokens_or_rest(max_tokens, prompt_len, serving)
+    stops = stop_strings(body.stop, "stop")
+    return [SamplingParams(
+        max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=body.top_k or 0,
+        seed=seed_for(body.seed, i), stop=list(stops), logprobs=logprobs,
+        top_logprobs=top_logprobs if logprobs else 0, ignore_eos=bool(body.ignore_eos),
+        grammar=grammar,
+    ) for i in range(body.n or 1)]
 
 
 class _Usage:
@@ -181,39 +138,33 @@ class _Usage:
             self.prompt[index // self.n] = fin.prompt_tokens
 
     def body(self) -> dict[str, int]:
-        return _usage(sum(self.prompt), self.completion)
+        prompt = sum(self.prompt)
+        return {"prompt_tokens": prompt, "completion_tokens": self.completion,
+                "total_tokens": prompt + self.completion}
 
 
-def _error_chunk(err: APIError) -> bytes:
-    return sse_data(err.body())
+def _chunker(rid: str, obj: str, created: int, model: str, body: _Common):
+    """SSE chunks of one response; with include_usage every chunk has a "usage" key."""
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
+        out: dict[str, Any] = {"id": rid, "object": obj, "created": created, "model": model,
+                               "system_fingerprint": None, "choices": choices}
+        if include_usage:
+            out["usage"] = usage
+        return sse_data(out)
+
+    return chunk, include_usage
 
 
-async def _stream_guard(gen: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Mid-stream failures become an error event, then the stream ends (no [DONE])."""
-    try:
-        async for chunk in gen:
-            yield chunk
-    except APIError as e:
-        yield _error_chunk(e)
-    except Exception:
-        log.exception("stream failed")
-        yield _error_chunk(internal())
-    finally:
-        await gen.aclose()
+async def _respond(request: Request, gen: Generation, body: _Common, stream_fn, collect_fn):
+    """A stream fails with an error chunk and no [DONE]."""
 
-
-async def _respond(request: Request, gen: Generation, body: _Common,
-                   stream_fn, collect_fn):
-    if body.stream:
-        return EventStreamResponse(_stream_guard(stream_fn()), on_close=gen.cancel)
-
-    async def work():
+    async def collect():
         return collect_fn(await gen.collect())
 
-    try:
-        return await cancel_on_disconnect(request, work())
-    finally:
-        gen.cancel()
+    return await reply(request, gen, bool(body.stream), stream_fn, collect,
+                       lambda e: [sse_data(e.body())])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -229,16 +180,12 @@ def _tool_choice(raw: Any, tools: list[Tool]) -> Any:
         if raw not in ("auto", "none", "required"):
             raise bad_request(f"tool_choice: expected \"auto\", \"none\", \"required\" or a "
                               f"function, got {raw!r}", "tool_choice")
-        if raw == "required" and not tools:
-            raise bad_request("tool_choice: \"required\" needs at least one tool", "tool_choice")
         return raw
     fn = raw.get("function") if isinstance(raw, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(name, str) or not name:
         raise bad_request("tool_choice: expected {\"type\": \"function\", \"function\": {\"name\": ...}}",
                           "tool_choice")
-    if name not in {t.name for t in tools}:
-        raise bad_request(f"tool_choice: the function {name!r} is not among the tools", "tool_choice")
     return {"name": name}
 
 
@@ -266,90 +213,43 @@ def _response_format(raw: dict[str, Any] | None) -> dict | None:
                       f"got {kind!r}", "response_format.type")
 
 
-def _check_grammar(grammar: dict, tokenizer, param: str) -> None:
-    try:
-        constrain.validate(grammar, tokenizer)
-    except constrain.UnsupportedGrammar as e:
-        raise bad_request(f"{param}: {e}", param) from None
-
-
-def _tool_call_json(call: ToolCall) -> dict[str, Any]:
-    return {"id": call.id, "type": "function",
-            "function": {"name": call.name, "arguments": call.arguments}}
-
-
-def _chat_logprob(serving: Serving, ev: TokenEvent, k: int) -> dict[str, Any]:
-    tt = serving.token_text
-    return {
-        "token": tt.text(ev.token), "logprob": _lp(ev.logprob), "bytes": list(tt.bytes(ev.token)),
-        "top_logprobs": [
-            {"token": tt.text(t), "logprob": _lp(lp), "bytes": list(tt.bytes(t))}
-            for t, lp in (ev.top_logprobs or [])[:k]
-        ],
-    }
-
-
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request, body: ChatCompletionRequest):
-    serving = _serving(request)
-    model = serving.resolve_model(body.model)
-    serving.check_serving()
+    serving, model = Serving.admit(request, body.model)
     if body.top_logprobs and not body.logprobs:
         raise bad_request("top_logprobs: requires logprobs to be true", "top_logprobs")
     messages = normalize_messages([m.model_dump() for m in body.messages])
     tools = function_tools(body.tools)
-    choice = _tool_choice(body.tool_choice, tools)
-    grammar = _response_format(body.response_format)
+    setup = ToolSetup(tools, checked_choice(tools, _tool_choice(body.tool_choice, tools)))
+    fmt = _response_format(body.response_format)
     tok = serving.tokenizer
-    forced = None
-    if tools and choice not in ("auto", "none"):
-        forced = forced_grammar(tok, tools, choice)
-        if grammar is not None:
-            raise bad_request("response_format cannot be combined with a forced tool_choice "
-                              "(\"required\" or a named function)", "response_format")
-        await serving.run_sync(_check_grammar, forced, tok, "tools")
-        grammar = forced
-    elif grammar is not None:
-        await serving.run_sync(_check_grammar, grammar, tok, "response_format")
-    parse_tools = bool(tools) and choice != "none"
+    if setup.forced and fmt is not None:
+        raise bad_request("response_format cannot be combined with a forced tool_choice "
+                          "(\"required\" or a named function)", "response_format")
+    grammar = await serving.run_sync(request_grammar, tok, setup, fmt, "response_format")
     tokens = await serving.run_sync(render_chat, tok, messages,
                                     tools=template_tools(tools) if tools else None)
     want_lp = bool(body.logprobs)
     k = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
-    params = _params(body, max_tokens, len(tokens), serving.engine.context_length, want_lp, k,
-                     grammar=grammar)
+    params = _params(serving, body, max_tokens, len(tokens), want_lp, k, grammar=grammar)
     rid = new_id("chatcmpl")
     gen = await serving.submit([(tokens, p) for p in params], rid, prompt_param="messages")
     created = int(time.time())
     n = len(params)
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
-
-    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
-        obj: dict[str, Any] = {"id": rid, "object": "chat.completion.chunk", "created": created,
-                               "model": model, "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            obj["usage"] = usage
-        return sse_data(obj)
+    chunk, include_usage = _chunker(rid, "chat.completion.chunk", created, model, body)
 
     def piece(i: int, delta: dict, lp: dict | None = None, finish: str | None = None) -> dict:
         return {"index": i, "delta": delta, "logprobs": lp, "finish_reason": finish}
 
     def finish_reason(ev: FinishEvent | None, calls: int) -> str:
-        r = _finish_reason(ev)
+        r = stop_or_length(ev)
         return "tool_calls" if calls and r == "stop" else r
 
     async def stream() -> AsyncIterator[bytes]:
         usage = _Usage([len(tokens)], n)
-        parsers = [ToolCallStream(tok, tools) if parse_tools else None for _ in range(n)]
         ncalls = [0] * n
-
-        def deltas(i: int, text: str, lp: dict | None = None) -> list[bytes]:
-            """Chunks for new text of choice i: content, or tool-call deltas."""
-            p = parsers[i]
-            items = [text] if p is None else p.feed(text)
-            return render(i, items, lp)
 
         def render(i: int, items: list, lp: dict | None) -> list[bytes]:
             out = []
@@ -371,20 +271,15 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
 
         for i in range(n):
             yield chunk([piece(i, {"role": "assistant", "content": ""})])
-        async for i, ev in gen.events():
+        async for i, ev, items in split_events(gen, [Splitter(tok, setup) for _ in range(n)]):
             if isinstance(ev, TokenEvent):
-                lp = {"content": [_chat_logprob(serving, ev, k)]} if want_lp else None
-                if ev.text or lp:
-                    for c in deltas(i, ev.text, lp):
-                        yield c
+                lp = {"content": [token_logprob(serving.token_text, ev, k)]} if want_lp else None
+                for c in render(i, items, lp):  # content, or tool-call deltas
+                    yield c
             else:
                 usage.add(i, ev)
-                if ev.text:
-                    for c in deltas(i, ev.text):
-                        yield c
-                if parsers[i] is not None:
-                    for c in render(i, parsers[i].finish(), None):
-                        yield c
+                for c in render(i, items, None):
+                    yield c
                 yield chunk([piece(i, {}, None, finish_reason(ev, ncalls[i]))])
         if include_usage:
             yield chunk([], usage.body())
@@ -398,20 +293,17 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
                 usage.add(i, c.finish)
             message: dict[str, Any] = {"role": "assistant", "content": c.text, "refusal": None}
             calls: list[ToolCall] = []
-            if parse_tools:
-                p = ToolCallStream(tok, tools)
-                items = p.feed(c.text) + p.finish()
-                calls = [it for it in items if isinstance(it, ToolCall)]
-                text = "".join(it for it in items if isinstance(it, str))
+            if setup.active:
+                text, calls = parse_tool_calls(tok, tools, c.text)
                 if calls:
                     message["content"] = text if text.strip() else None
-                    message["tool_calls"] = [_tool_call_json(x) for x in calls]
+                    message["tool_calls"] = [x.openai() for x in calls]
                 else:
                     message["content"] = text
             choices.append({
                 "index": i,
                 "message": message,
-                "logprobs": {"content": [_chat_logprob(serving, t, k) for t in c.tokens],
+                "logprobs": {"content": [token_logprob(serving.token_text, t, k) for t in c.tokens],
                              "refusal": None} if want_lp else None,
                 "finish_reason": finish_reason(c.finish, len(calls)),
             })
@@ -451,8 +343,8 @@ class _CompletionLogprobs:
     def entry(self, evs: list[TokenEvent], offsets: list[int]) -> dict[str, Any]:
         return {
             "tokens": [self.tt.text(e.token) for e in evs],
-            "token_logprobs": [_lp(e.logprob) for e in evs],
-            "top_logprobs": [{self.tt.text(t): _lp(lp) for t, lp in (e.top_logprobs or [])[:self.k]}
+            "token_logprobs": [finite(e.logprob) for e in evs],
+            "top_logprobs": [{self.tt.text(t): finite(lp) for t, lp in (e.top_logprobs or [])[:self.k]}
                              for e in evs],
             "text_offset": offsets,
         }
@@ -460,9 +352,7 @@ class _CompletionLogprobs:
 
 @router.post("/v1/completions")
 async def completions(request: Request, body: CompletionRequest):
-    serving = _serving(request)
-    model = serving.resolve_model(body.model)
-    serving.check_serving()
+    serving, model = Serving.admit(request, body.model)
     if body.suffix:
         raise bad_request("suffix: not supported", "suffix")
     if body.best_of is not None and body.best_of != (body.n or 1):
@@ -475,8 +365,7 @@ async def completions(request: Request, body: CompletionRequest):
     n = body.n or 1
     jobs = []
     for tokens, _ in prompts:
-        for p in _params(body, body.max_tokens, len(tokens), serving.engine.context_length,
-                         want_lp, k):
+        for p in _params(serving, body, body.max_tokens, len(tokens), want_lp, k):
             jobs.append((tokens, p))
     if body.echo:
         echoes = [text if text is not None else
@@ -487,16 +376,9 @@ async def completions(request: Request, body: CompletionRequest):
     rid = new_id("cmpl")
     gen = await serving.submit(jobs, rid, prompt_param="prompt")
     created = int(time.time())
-    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunk, include_usage = _chunker(rid, "text_completion", created, model, body)
     lps = _CompletionLogprobs(serving, k)
     prompt_lens = [len(t) for t, _ in prompts]
-
-    def chunk(choices: list[dict], usage: dict | None = None) -> bytes:
-        obj: dict[str, Any] = {"id": rid, "object": "text_completion", "created": created,
-                               "model": model, "system_fingerprint": None, "choices": choices}
-        if include_usage:
-            obj["usage"] = usage
-        return sse_data(obj)
 
     def piece(i: int, text: str, lp: dict | None = None, finish: str | None = None) -> dict:
         return {"index": i, "text": text, "logprobs": lp, "finish_reason": finish}
@@ -518,7 +400,7 @@ async def completions(request: Request, body: CompletionRequest):
                 usage.add(i, ev)
                 if ev.text:
                     yield chunk([piece(i, ev.text)])
-                yield chunk([piece(i, "", None, _finish_reason(ev))])
+                yield chunk([piece(i, "", None, stop_or_length(ev))])
         if include_usage:
             yield chunk([], usage.body())
         yield DONE
@@ -537,7 +419,7 @@ async def completions(request: Request, body: CompletionRequest):
                     off += len(t.text)
                 lp = lps.entry(c.tokens, offsets)
             choices.append({"index": i, "text": echoes[i // n] + c.text, "logprobs": lp,
-                            "finish_reason": _finish_reason(c.finish)})
+                            "finish_reason": stop_or_length(c.finish)})
         return {"id": rid, "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": None, "choices": choices, "usage": usage.body()}
 
@@ -550,18 +432,17 @@ async def completions(request: Request, body: CompletionRequest):
 
 
 def _model_card(serving: Serving) -> dict[str, Any]:
-    return {"id": serving.model_id, "object": "model",
-            "created": int(getattr(serving.engine, "created", 0) or 0), "owned_by": "exolaunch"}
+    return {"id": serving.model_id, "object": "model", "created": serving.created,
+            "owned_by": "exolaunch"}
 
 
 @router.get("/v1/models")
 async def list_models(request: Request):
-    serving = _serving(request)
-    return {"object": "list", "data": [_model_card(serving)]}
+    return {"object": "list", "data": [_model_card(Serving.of(request))]}
 
 
 @router.get("/v1/models/{model_id:path}")
 async def get_model(request: Request, model_id: str):
-    serving = _serving(request)
+    serving = Serving.of(request)
     serving.resolve_model(model_id, param="model")
     return _model_card(serving)

@@ -148,6 +148,15 @@ def encode_text(tokenizer, text: str, *, param: str = "prompt") -> list[int]:
     return ids
 
 
+def encode_continuation(tokenizer, text: str) -> list[int]:
+    """Token ids of text that continues a prompt: no BOS or other special tokens added."""
+    try:
+        ids = tokenizer.encode(text, add_special_tokens=False)
+    except TypeError:  # tokenizers whose encode takes no such flag
+        ids = tokenizer.encode(text)
+    return [int(t) for t in ids]
+
+
 def check_token_ids(tokenizer, ids: list[int], *, param: str = "prompt") -> list[int]:
     if not ids:
         raise bad_request(f"{param}: the prompt is empty", param)

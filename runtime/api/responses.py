@@ -45,28 +45,27 @@ Decisions where the spec is silent or this server differs
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from .. import constrain
 from ..requests import FinishEvent, SamplingParams
-from .errors import APIError, bad_request, internal, not_found
-from .generation import Generation, Serving, cancel_on_disconnect
-from .prompt import flatten_content, normalize_messages, render_chat
 from . import tools as toolkit
-from .sse import EventStreamResponse, sse_event
-
-log = logging.getLogger("exolaunch.api")
+from .core import (
+    StrictBody, max_tokens_or_rest, reply, request_grammar, sampling, seed_for, split_events,
+)
+from .errors import APIError, bad_request, not_found
+from .generation import Serving
+from .prompt import flatten_content, normalize_messages, render_chat
+from .sse import sse_event
 
 router = APIRouter()
 
-SEED_MOD = 1 << 63
 _ROLES = ("user", "system", "developer", "assistant")
 
 
@@ -79,15 +78,11 @@ def _id(prefix: str) -> str:
 # ------------------------------------------------------------------------------------------------
 
 
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow", strict=True)
-
-
-class TextConfig(_Body):
+class TextConfig(StrictBody):
     format: dict[str, Any] | None = None
 
 
-class ResponsesRequest(_Body):
+class ResponsesRequest(StrictBody):
     model: str | None = None
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -112,16 +107,6 @@ class ResponsesRequest(_Body):
 # ------------------------------------------------------------------------------------------------
 # Request -> messages, tools, grammar
 # ------------------------------------------------------------------------------------------------
-
-
-def _text_of(value: Any, where: str) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):
-        return flatten_content(value, where) or ""
-    if value is None:
-        return ""
-    raise bad_request(f"{where}: expected a string or a list of text parts", where)
 
 
 def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
@@ -160,7 +145,7 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             content = item.get("content")
             if content is None:
                 raise bad_request(f"{where}.content: field required", f"{where}.content")
-            text = _text_of(content, f"{where}.content")
+            text = flatten_content(content, f"{where}.content") or ""
             flush()
             if role == "assistant":  # may be followed by this turn's function calls
                 pending_text = text
@@ -181,7 +166,7 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
                                   f"{where}.call_id")
             if "output" not in item:
                 raise bad_request(f"{where}.output: field required", f"{where}.output")
-            output = _text_of(item.get("output"), f"{where}.output")
+            output = flatten_content(item.get("output"), f"{where}.output") or ""
             flush()
             messages.append(toolkit.tool_result_message(call_id, output,
                                                         name=names.get(call_id)))
@@ -207,31 +192,19 @@ class ToolSetup(toolkit.ToolSetup):
 
 def tool_setup(body: ResponsesRequest) -> ToolSetup:
     setup = ToolSetup()
-    raw = body.tools or []
-    for i, t in enumerate(raw):
+    for i, t in enumerate(body.tools or []):
         where = f"tools[{i}]"
         if t.get("type") != "function":
             raise bad_request(f"{where}.type: only function tools are supported "
                               f"(got {t.get('type')!r})", f"{where}.type")
-        name = t.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{where}.name: field required", f"{where}.name")
-        params = t.get("parameters")
-        if params is None:
-            params = {"type": "object", "properties": {}}
-        if not isinstance(params, dict):
-            raise bad_request(f"{where}.parameters: must be a JSON schema object",
-                              f"{where}.parameters")
-        desc = t.get("description") or ""
-        if not isinstance(desc, str):
-            raise bad_request(f"{where}.description: must be a string", f"{where}.description")
+        tool = toolkit.function_tool(t, where)  # Responses tools are flat: no "function" key
         strict = t.get("strict")
-        setup.echo_tools.append({"type": "function", "name": name, "description": desc or None,
-                                 "parameters": params,
+        setup.tools.append(tool)
+        setup.echo_tools.append({"type": "function", "name": tool.name,
+                                 "description": tool.description or None,
+                                 "parameters": tool.parameters,
                                  "strict": True if strict is None else bool(strict)})
-    names = [t["name"] for t in setup.echo_tools]
-    if len(set(names)) != len(names):
-        raise bad_request("tools: function names must be unique", "tools")
+    toolkit.unique_tools(setup.tools)
 
     tc = body.tool_choice
     if tc is None:
@@ -245,17 +218,9 @@ def tool_setup(body: ResponsesRequest) -> ToolSetup:
         if tc.get("type") != "function":
             raise bad_request(f"tool_choice.type: only 'function' is supported "
                               f"(got {tc.get('type')!r})", "tool_choice.type")
-        fn = tc.get("name")
-        if fn not in names:
-            raise bad_request(f"tool_choice.name: no function named {fn!r} in tools",
-                              "tool_choice.name")
-        choice = {"name": fn}
-    if choice == "required" and not names:
-        raise bad_request("tool_choice: 'required' needs tools", "tool_choice")
-    setup.choice = choice
+        choice = {"name": tc.get("name")}
+    setup.choice = toolkit.checked_choice(setup.tools, choice, "tool_choice.name")
     setup.echo_choice = tc if tc is not None else "auto"
-    setup.tools = [toolkit.Tool(name=t["name"], description=t["description"] or "",
-                                parameters=t["parameters"]) for t in setup.echo_tools]
     return setup
 
 
@@ -281,13 +246,6 @@ def text_format(body: ResponsesRequest) -> tuple[dict[str, Any], dict[str, Any] 
         return echo, constrain.json_schema(schema)
     raise bad_request(f"text.format.type: must be 'text', 'json_object' or 'json_schema' "
                       f"(got {kind!r})", "text.format.type")
-
-
-def _validate_grammar(serving: Serving, grammar: dict, param: str) -> None:
-    try:
-        constrain.validate(grammar, serving.tokenizer)
-    except constrain.UnsupportedGrammar as e:
-        raise bad_request(f"{param}: {e}", param) from None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -319,9 +277,6 @@ class _Ctx:
     body: ResponsesRequest
     tools: ToolSetup
     fmt: dict[str, Any]
-    temperature: float
-    top_p: float
-    max_output_tokens: int | None
     prompt_tokens: int
 
     def response(self, status: str, output: list[dict], fin: FinishEvent | None = None,
@@ -341,12 +296,13 @@ class _Ctx:
             "error": error,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
             else None,
-            "instructions": b.instructions, "max_output_tokens": self.max_output_tokens,
+            "instructions": b.instructions, "max_output_tokens": b.max_output_tokens,
             "model": self.model, "output": output,
             "parallel_tool_calls": True if b.parallel_tool_calls is None
             else b.parallel_tool_calls,
             "previous_response_id": None, "reasoning": None, "store": False,
-            "temperature": self.temperature, "top_p": self.top_p,
+            "temperature": 1.0 if b.temperature is None else float(b.temperature),
+            "top_p": 1.0 if b.top_p is None else float(b.top_p),
             "text": {"format": self.fmt}, "tool_choice": self.tools.echo_choice,
             "tools": self.tools.echo_tools, "truncation": b.truncation or "disabled",
             "metadata": b.metadata or {}, "user": b.user, "background": False,
@@ -358,63 +314,29 @@ def _status(fin: FinishEvent | None) -> str:
     return "incomplete" if fin is not None and fin.reason == "length" else "completed"
 
 
-class _Splitter:
-    """Generated text -> a sequence of text pieces and ToolCalls (tool parsing when active)."""
-
-    def __init__(self, setup: ToolSetup, tokenizer: Any):
-        self.stream = (toolkit.ToolCallStream(tokenizer, setup.tools) if setup.active
-                       else None)
-
-    def feed(self, text: str) -> list[Any]:
-        if self.stream is None:
-            return [text] if text else []
-        return [p for p in self.stream.feed(text) if p != ""]
-
-    def finish(self) -> list[Any]:
-        if self.stream is None:
-            return []
-        return [p for p in self.stream.finish() if p != ""]
-
-
 # ------------------------------------------------------------------------------------------------
-# Non-streaming
-# ------------------------------------------------------------------------------------------------
-
-
-def _collect_output(pieces: list[Any], status: str) -> list[dict]:
-    output: list[dict] = []
-    text: str | None = None
-    for p in pieces:
-        if isinstance(p, str):
-            text = (text or "") + p
-            continue
-        if text is not None:
-            output.append(_message_item(_id("msg"), text, "completed"))
-            text = None
-        output.append(_call_item(_id("fc"), p, "completed"))
-    if text is not None or not output:
-        output.append(_message_item(_id("msg"), text or "", status))
-    return output  # a parsed function call is complete even when the response is not
-
-
-# ------------------------------------------------------------------------------------------------
-# Streaming
+# Output items, as stream events and as the final Response (one assembler for both)
 # ------------------------------------------------------------------------------------------------
 
 
 class _EventWriter:
-    """Output items as Responses stream events, with a sequence number from 0."""
+    """Output items as Responses stream events, with a sequence number from 0; `response` is
+    the final Response object once finished. encode=False (no stream) skips the events'
+    encoding."""
 
-    def __init__(self, ctx: _Ctx):
+    def __init__(self, ctx: _Ctx, encode: bool = True):
         self.ctx = ctx
+        self.encode = encode
         self.seq = 0
         self.output: list[dict] = []  # finished items
         self.msg: dict | None = None  # the open message item: {"id", "text"}
+        self.response: dict[str, Any] | None = None
 
     def event(self, name: str, payload: dict[str, Any]) -> bytes:
-        obj = {"type": name, "sequence_number": self.seq, **payload}
         self.seq += 1
-        return sse_event(name, obj)
+        if not self.encode:
+            return b""
+        return sse_event(name, {"type": name, "sequence_number": self.seq - 1, **payload})
 
     def start(self) -> list[bytes]:
         r = self.ctx.response("in_progress", [])
@@ -485,14 +407,13 @@ class _EventWriter:
 
     def finish(self, fin: FinishEvent) -> list[bytes]:
         status = _status(fin)
-        if self.msg is None and not self.output:
-            out = self._open_message()
-        else:
-            out = []
+        # A response without output has one empty message, so output_text is always defined.
+        out = self._open_message() if self.msg is None and not self.output else []
         if self.msg is not None:
             out += self._close_message(status)
+        self.response = self.ctx.response(status, self.output, fin)
         name = "response.completed" if status == "completed" else "response.incomplete"
-        out.append(self.event(name, {"response": self.ctx.response(status, self.output, fin)}))
+        out.append(self.event(name, {"response": self.response}))
         return out
 
     def fail(self, err: APIError) -> list[bytes]:
@@ -510,13 +431,9 @@ class _EventWriter:
 # ------------------------------------------------------------------------------------------------
 
 
-def _serving(request: Request) -> Serving:
-    return request.app.state.serving
-
-
 @router.post("/v1/responses")
 async def create_response(request: Request, body: ResponsesRequest):
-    serving = _serving(request)
+    serving = Serving.of(request)
     model = serving.resolve_model(body.model)
     if body.previous_response_id is not None:
         raise bad_request("previous_response_id: this server does not store responses; send "
@@ -528,86 +445,45 @@ async def create_response(request: Request, body: ResponsesRequest):
     serving.check_serving()
 
     setup = tool_setup(body)
-    fmt, grammar = text_format(body)
-    grammar_param = "text.format"
-    if setup.forced:
-        try:
-            grammar = toolkit.forced_grammar(serving.tokenizer, setup.tools,
-                                                     setup.choice)
-        except ValueError as e:  # constrain.UnsupportedGrammar
-            raise bad_request(f"tool_choice: {e}", "tool_choice") from None
-        grammar_param = "tools"
-    if grammar is not None:
-        _validate_grammar(serving, grammar, grammar_param)
+    fmt, fmt_grammar = text_format(body)
+    tok = serving.tokenizer
+    grammar = await serving.run_sync(request_grammar, tok, setup, fmt_grammar, "text.format")
 
     messages = input_messages(body)
     template_kw: dict[str, Any] = {}
     if setup.tools:  # also with "none": the conversation may speak of them
         template_kw["tools"] = toolkit.template_tools(setup.tools)
-    tokens = await serving.run_sync(render_chat, serving.tokenizer, messages, param="input",
-                                    **template_kw)
+    tokens = await serving.run_sync(render_chat, tok, messages, param="input", **template_kw)
 
-    temperature = 1.0 if body.temperature is None else float(body.temperature)
-    top_p = 1.0 if body.top_p is None else float(body.top_p)
-    s_temp, s_top_p = (0.0, 1.0) if top_p == 0.0 else (temperature, top_p)
-    max_tokens = body.max_output_tokens
-    if max_tokens is None:
-        max_tokens = max(1, serving.engine.context_length - len(tokens))
-    params = SamplingParams(max_tokens=max_tokens, temperature=s_temp, top_p=s_top_p,
-                            top_k=body.top_k or 0,
-                            seed=None if body.seed is None else body.seed % SEED_MOD,
-                            grammar=grammar)
+    temperature, top_p = sampling(body.temperature, body.top_p)
+    params = SamplingParams(max_tokens=max_tokens_or_rest(body.max_output_tokens, len(tokens),
+                                                          serving),
+                            temperature=temperature, top_p=top_p, top_k=body.top_k or 0,
+                            seed=seed_for(body.seed), grammar=grammar)
     rid = _id("resp")
     gen = await serving.submit([(tokens, params)], rid, prompt_param="input")
     ctx = _Ctx(rid=rid, created=int(time.time()), model=model, body=body, tools=setup, fmt=fmt,
-               temperature=temperature, top_p=top_p, max_output_tokens=body.max_output_tokens,
                prompt_tokens=len(tokens))
+    streaming = _EventWriter(ctx)
 
-    if body.stream:
-        return EventStreamResponse(_stream(gen, ctx, serving.tokenizer), on_close=gen.cancel)
-
-    async def work() -> dict[str, Any]:
-        splitter = _Splitter(setup, serving.tokenizer)
-        pieces: list[Any] = []
-        fin: FinishEvent | None = None
-        async for _, ev in gen.events():
-            pieces += splitter.feed(ev.text)
-            if isinstance(ev, FinishEvent):
-                fin = ev
-        pieces += splitter.finish()
-        status = _status(fin)
-        return ctx.response(status, _collect_output(pieces, status), fin)
-
-    try:
-        return await cancel_on_disconnect(request, work())
-    finally:
-        gen.cancel()
-
-
-async def _stream(gen: Generation, ctx: _Ctx, tokenizer: Any) -> AsyncIterator[bytes]:
-    w = _EventWriter(ctx)
-    splitter = _Splitter(ctx.tools, tokenizer)
-    try:
+    async def events(w: _EventWriter) -> AsyncIterator[bytes]:
         for chunk in w.start():
             yield chunk
-        async for _, ev in gen.events():
-            pieces = splitter.feed(ev.text)
-            if isinstance(ev, FinishEvent):
-                pieces += splitter.finish()
+        async for _, ev, pieces in split_events(gen, [toolkit.Splitter(tok, setup)]):
             for chunk in w.pieces(pieces):
                 yield chunk
             if isinstance(ev, FinishEvent):
                 for chunk in w.finish(ev):
                     yield chunk
-    except APIError as e:
-        for chunk in w.fail(e):
-            yield chunk
-    except Exception:
-        log.exception("responses stream failed")
-        for chunk in w.fail(internal()):
-            yield chunk
-    finally:
-        gen.cancel()
+
+    async def collect() -> dict[str, Any] | None:
+        w = _EventWriter(ctx, encode=False)
+        async for _ in events(w):
+            pass
+        return w.response
+
+    return await reply(request, gen, bool(body.stream), lambda: events(streaming), collect,
+                       streaming.fail)
 
 
 @router.get("/v1/responses/{response_id}")

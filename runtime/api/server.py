@@ -1,20 +1,13 @@
-"""Run the API with uvicorn: blocking, as a coroutine, or in a background thread.
+"""Run the API with uvicorn in a background thread (rank 0's main thread owns the signals).
 
-    serve(engine, host, port, api_key)           blocks until SIGINT/SIGTERM (or .stop()),
-                                                 shuts down gracefully, then returns
     server = start_server(engine, host, port, api_key)   a daemon thread with its own event
     server.port, server.url; server.stop()               loop; returns once it accepts
-    await APIServer(engine, ...).serve_async()    inside an event loop you already run
 
 The listening socket is bound before uvicorn starts, so a port in use raises OSError in the
 caller (uvicorn itself would sys.exit), and port 0 picks a free port (`server.port`).
 
-Graceful shutdown: stop accepting, let running requests finish for up to `graceful_timeout`
-seconds, then cancel them (which cancels their engine requests). When serve() runs in the main
-thread it owns SIGINT/SIGTERM for that time: the first one starts the graceful shutdown, a
-second SIGINT skips the wait. serve() returns normally afterwards (the signal is not re-raised,
-unlike plain uvicorn) so the caller can shut the engine down; `APIServer.signal` tells which
-signal ended it.
+Graceful shutdown (`stop`): stop accepting, let running requests finish for up to
+`graceful_timeout` seconds, then cancel them (which cancels their engine requests).
 """
 
 from __future__ import annotations
@@ -22,45 +15,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import socket
 import threading
-from typing import Any, Iterator
+from typing import Any
 
 import uvicorn
 
+from ..requests import Engine
 from .app import create_app
 
 log = logging.getLogger("exolaunch.api")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 52415  # exo's
-
-
-class _UvicornServer(uvicorn.Server):
-    def __init__(self, config: uvicorn.Config, handle_signals: bool):
-        super().__init__(config)
-        self._handle_signals = handle_signals
-        self.signal: int | None = None
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        if not self._handle_signals or threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(sig: int, frame: Any) -> None:
-            if self.should_exit and sig == signal.SIGINT:
-                self.force_exit = True
-            self.signal = sig
-            self.should_exit = True
-
-        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in previous.items():
-                signal.signal(s, h)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -85,10 +52,9 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 class APIServer:
-    def __init__(self, engine: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+    def __init__(self, engine: Engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  api_key: str | None = None, *, app: Any = None, log_level: str = "warning",
-                 access_log: bool = False, graceful_timeout: float = 5.0,
-                 handle_signals: bool = True):
+                 access_log: bool = False, graceful_timeout: float = 5.0):
         self.engine = engine
         self.host = host
         self.port = port
@@ -98,7 +64,8 @@ class APIServer:
             log_config=None, lifespan="off", ws="none",
             timeout_graceful_shutdown=graceful_timeout, timeout_keep_alive=30,
         )
-        self._server = _UvicornServer(self.config, handle_signals)
+        # Serving from a thread that is not the main one, uvicorn installs no signal handlers.
+        self._server = uvicorn.Server(self.config)
         self._sock: socket.socket | None = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -119,10 +86,6 @@ class APIServer:
     def started(self) -> bool:
         return bool(self._server.started)
 
-    @property
-    def signal(self) -> int | None:
-        return self._server.signal
-
     # --- running -----------------------------------------------------------------------------
     def bind(self) -> None:
         if self._sock is None:
@@ -132,15 +95,11 @@ class APIServer:
     async def serve_async(self) -> None:
         self.bind()
         assert self._sock is not None
-        log.info("API listening on %s (model %s)", self.url, getattr(self.engine, "model_id", "?"))
+        log.info("API listening on %s (model %s)", self.url, self.engine.model_id)
         try:
             await self._server.serve(sockets=[self._sock])
         finally:
             self._close()
-
-    def run(self) -> None:
-        """Serve in this thread until stopped or signalled."""
-        asyncio.run(self.serve_async())
 
     def start(self, timeout: float = 30.0) -> "APIServer":
         """Serve in a daemon thread; return once the server accepts connections."""
@@ -182,20 +141,8 @@ class APIServer:
             with contextlib.suppress(OSError):
                 self._sock.close()
 
-    def __enter__(self) -> "APIServer":
-        return self.start() if self._thread is None else self
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
-
-
-def serve(engine: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
-          api_key: str | None = None, **kwargs: Any) -> None:
-    """Serve the API in the calling thread until SIGINT/SIGTERM; graceful shutdown; return."""
-    APIServer(engine, host, port, api_key, **kwargs).run()
-
-
-def start_server(engine: Any, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
+def start_server(engine: Engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  api_key: str | None = None, **kwargs: Any) -> APIServer:
     """Serve the API in a background thread (the engine keeps its own); returns when up."""
     return APIServer(engine, host, port, api_key, **kwargs).start()

@@ -18,6 +18,11 @@ that tool's parameters>}`, "\\n", end marker), after which only EOS is allowed. 
 random-weight model emits one valid, parseable call. Parsers with non-JSON syntax (XML-ish,
 pythonic ...) are forced through the JSON fallback form, which ToolCallStream also accepts.
 
+Validation (`function_tool`, `unique_tools`, `function_tools`, `checked_choice`): a function
+definition's fields and a choice's fit to the tools are checked once here for every dialect.
+`ToolSetup` is a request's tools and choice; `Splitter` is the view of one choice's generated
+text every dialect consumes (parsed for calls when the setup is active, else passed through).
+
 Streaming (`ToolCallStream`): text outside tool-call markup streams as it comes (a tail that
 could still begin a start marker is held back); text inside markup is never shown. A completed
 call becomes a ToolCall. A call whose body cannot be parsed (a weak model, or max_tokens cut it)
@@ -35,9 +40,12 @@ from typing import Any, Union
 from runtime.constrain import JSON_DEFAULTS, UnsupportedGrammar
 
 from .errors import bad_request
+from .prompt import encode_continuation
 
-__all__ = ["Tool", "ToolCall", "template_tools", "forced_grammar", "ToolCallStream",
-           "tool_call_message", "tool_result_message", "new_call_id", "markers"]
+__all__ = ["Tool", "ToolCall", "ToolSetup", "Splitter", "template_tools", "forced_grammar",
+           "ToolCallStream", "parse_tool_calls", "function_tool", "function_tools",
+           "unique_tools", "checked_choice", "tool_call_message", "tool_result_message",
+           "new_call_id", "markers"]
 
 
 @dataclass
@@ -52,6 +60,11 @@ class ToolCall:
     id: str
     name: str
     arguments: str  # JSON text
+
+    def openai(self) -> dict:
+        """OpenAI's tool_calls entry (also what chat templates read)."""
+        return {"id": self.id, "type": "function",
+                "function": {"name": self.name, "arguments": self.arguments}}
 
 
 def new_call_id() -> str:
@@ -158,10 +171,7 @@ def _marker_rule(tokenizer, marker: str) -> str:
     text; both decode to the same text."""
     if not marker:
         return '""'
-    try:
-        ids = tokenizer.encode(marker, add_special_tokens=False)
-    except TypeError:
-        ids = tokenizer.encode(marker)
+    ids = encode_continuation(tokenizer, marker)
     if len(ids) == 1:
         return f"(<[{int(ids[0])}]> | {_lark_str(marker)})"
     return _lark_str(marker)
@@ -362,7 +372,7 @@ class ToolCallStream:
 
 
 def parse_tool_calls(tokenizer, tools: list[Tool], text: str) -> tuple[str, list[ToolCall]]:
-    """Whole-text convenience: (visible text, calls)."""
+    """A whole text at once: (visible text, calls)."""
     s = ToolCallStream(tokenizer, tools)
     items = s.feed(text) + s.finish()
     return "".join(i for i in items if isinstance(i, str)), [i for i in items if isinstance(i, ToolCall)]
@@ -375,9 +385,7 @@ def parse_tool_calls(tokenizer, tools: list[Tool], text: str) -> tuple[str, list
 
 def tool_call_message(calls: list[ToolCall], content: str | None = None) -> dict:
     """An OpenAI-style assistant message carrying tool calls (render_chat accepts it)."""
-    return {"role": "assistant", "content": content,
-            "tool_calls": [{"id": c.id, "type": "function",
-                            "function": {"name": c.name, "arguments": c.arguments}} for c in calls]}
+    return {"role": "assistant", "content": content, "tool_calls": [c.openai() for c in calls]}
 
 
 def tool_result_message(call_id: str, content: str, name: str | None = None) -> dict:
@@ -390,10 +398,40 @@ def tool_result_message(call_id: str, content: str, name: str | None = None) -> 
 ToolItem = Union[str, ToolCall]
 
 
+def function_tool(fn: dict, where: str, *, close_objects: bool = False) -> Tool:
+    """One function definition {name, description?, parameters?} -> Tool; a 400 names the
+    field under `where`. close_objects: declared properties only (additionalProperties false)
+    unless the schema says otherwise, for clients that strip the constraints that keep weak
+    models on track."""
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        raise bad_request(f"{where}.name: required", f"{where}.name")
+    params = fn.get("parameters")
+    if params is None:
+        params = {"type": "object", "properties": {}}
+    if not isinstance(params, dict):
+        raise bad_request(f"{where}.parameters: must be a JSON schema object",
+                          f"{where}.parameters")
+    desc = fn.get("description") or ""
+    if not isinstance(desc, str):
+        raise bad_request(f"{where}.description: must be a string", f"{where}.description")
+    if close_objects and isinstance(params.get("properties"), dict) \
+            and "additionalProperties" not in params:
+        params = {**params, "additionalProperties": False}
+    return Tool(name=name, description=desc, parameters=params)
+
+
+def unique_tools(tools: list[Tool]) -> list[Tool]:
+    names = [t.name for t in tools]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise bad_request(f"tools: function names must be unique ({dup[0]!r} is repeated)",
+                          "tools")
+    return tools
+
+
 def function_tools(raw: list | None, *, close_objects: bool = False) -> list[Tool]:
-    """OpenAI-format function tools (also Ollama's), validated: 400s name the field.
-    close_objects: declared properties only (additionalProperties false) unless the schema
-    says otherwise, for clients that strip the constraints that keep weak models on track."""
+    """OpenAI-format function tools {"type": "function", "function": {...}} (also Ollama's)."""
     out: list[Tool] = []
     for i, t in enumerate(raw or []):
         where = f"tools[{i}]"
@@ -405,26 +443,8 @@ def function_tools(raw: list | None, *, close_objects: bool = False) -> list[Too
         fn = t.get("function")
         if not isinstance(fn, dict):
             raise bad_request(f"{where}.function: required (an object with a name)", f"{where}.function")
-        name = fn.get("name")
-        if not isinstance(name, str) or not name:
-            raise bad_request(f"{where}.function.name: required", f"{where}.function.name")
-        params = fn.get("parameters")
-        if params is None:
-            params = {"type": "object", "properties": {}}
-        if not isinstance(params, dict):
-            raise bad_request(f"{where}.function.parameters: must be a JSON schema object",
-                              f"{where}.function.parameters")
-        desc = fn.get("description") or ""
-        if not isinstance(desc, str):
-            raise bad_request(f"{where}.function.description: must be a string",
-                              f"{where}.function.description")
-        if close_objects and isinstance(params.get("properties"), dict) and "additionalProperties" not in params:
-            params = {**params, "additionalProperties": False}
-        out.append(Tool(name=name, description=desc, parameters=params))
-    names = [t.name for t in out]
-    if len(set(names)) != len(names):
-        raise bad_request("tools: function names must be unique", "tools")
-    return out
+        out.append(function_tool(fn, f"{where}.function", close_objects=close_objects))
+    return unique_tools(out)
 
 
 @dataclass
@@ -441,3 +461,30 @@ class ToolSetup:
     @property
     def forced(self) -> bool:
         return self.active and self.choice != "auto"
+
+
+def checked_choice(tools: list[Tool], choice: Any, name_param: str = "tool_choice") -> Any:
+    """A choice already in the shared form, once it fits the tools: a named function must be
+    one of them, "required" needs at least one (400s name the field)."""
+    if isinstance(choice, dict) and choice["name"] not in {t.name for t in tools}:
+        raise bad_request(f"{name_param}: no function named {choice['name']!r} in tools",
+                          name_param)
+    if choice == "required" and not tools:
+        raise bad_request("tool_choice: \"required\" needs at least one tool", "tool_choice")
+    return choice
+
+
+class Splitter:
+    """One choice's generated text -> text pieces and ToolCalls, in order: parsed for calls when
+    the setup is active, passed through otherwise. Never yields an empty string."""
+
+    def __init__(self, tokenizer, setup: ToolSetup):
+        self.stream = ToolCallStream(tokenizer, setup.tools) if setup.active else None
+
+    def feed(self, text: str) -> list[ToolItem]:
+        if self.stream is None:
+            return [text] if text else []
+        return self.stream.feed(text)
+
+    def finish(self) -> list[ToolItem]:
+        return self.stream.finish() if self.stream is not None else []

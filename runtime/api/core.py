@@ -1,0 +1,189 @@
+"""What every dialect does alike between its wire format and `Serving`, written once.
+
+    StrictBody          base of the strictly typed request bodies (unknown fields allowed)
+    sampling, seed_for, stop_strings, max_tokens_or_rest
+                        the sampling rules every dialect shares (top_p 0 = greedy, seeds
+                        mod 2**63, at most MAX_STOP stop strings, default max_tokens)
+    checked_grammar, request_grammar
+                        grammars refused up front with a 400 naming the field
+    split_events        a Generation's events with the text pieces and tool calls they complete
+    stop_or_length      the finish reason OpenAI and Ollama report
+    token_logprob       a chat-style logprob entry (OpenAI chat, Ollama)
+    reply               the answer: a guarded stream, or the collected result (both cancel the
+                        engine requests when they end, the client leaves or anything fails)
+
+A dialect module keeps only its wire types and its mapping onto these.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+
+from pydantic import BaseModel, ConfigDict
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .. import constrain
+from ..requests import FinishEvent, TokenEvent
+from .errors import APIError, bad_request, internal
+from .generation import Generation, Serving, cancel_on_disconnect
+from .prompt import TokenText
+from .sse import EventStreamResponse
+from .tools import Splitter, ToolItem, ToolSetup, forced_grammar
+
+log = logging.getLogger("exolaunch.api")
+
+T = TypeVar("T")
+
+MAX_STOP = 16
+SEED_MOD = 1 << 63  # seeds travel to every rank as int64
+
+
+class StrictBody(BaseModel):
+    """Unknown fields allowed (clients send many), known ones strictly typed."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# sampling
+# ------------------------------------------------------------------------------------------------
+
+
+def sampling(temperature: float | None, top_p: float | None, *, default_temperature: float = 1.0,
+             default_top_p: float = 1.0) -> tuple[float, float]:
+    """(temperature, top_p) for the engine. top_p == 0 keeps only the most likely token:
+    greedy."""
+    t = default_temperature if temperature is None else float(temperature)
+    p = default_top_p if top_p is None else float(top_p)
+    return (0.0, 1.0) if p == 0.0 else (t, p)
+
+
+def seed_for(seed: int | None, choice: int = 0) -> int | None:
+    """Choice i of a seeded request uses seed + i; None lets rank 0 draw one."""
+    return None if seed is None else (seed + choice) % SEED_MOD
+
+
+def stop_strings(stop: Any, param: str, name: str | None = None) -> list[str]:
+    """One stop string or a list of at most MAX_STOP; empty ones dropped."""
+    stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request(f"{name or param} must be a list of strings", param)
+    if len(stops) > MAX_STOP:
+        raise bad_request(f"{name or param}: at most {MAX_STOP} stop sequences", param)
+    return [s for s in stops if s]
+
+
+def max_tokens_or_rest(max_tokens: int | None, prompt_len: int, serving: Serving) -> int:
+    """Without max_tokens a request may use the rest of the context (at least 1, so that a
+    prompt that fills it gets the engine's "too long" error with the numbers)."""
+    return max(1, serving.context_length - prompt_len) if max_tokens is None else max_tokens
+
+
+# ------------------------------------------------------------------------------------------------
+# grammars (run these on the tokenizer thread: compiling against the vocabulary takes a while)
+# ------------------------------------------------------------------------------------------------
+
+
+def checked_grammar(tokenizer, grammar: dict | None, param: str) -> dict | None:
+    """`grammar` once it is sure to compile on every rank; else a 400 saying why, naming
+    `param`."""
+    if grammar is not None:
+        try:
+            constrain.validate(grammar, tokenizer)
+        except constrain.UnsupportedGrammar as e:
+            raise bad_request(f"{param}: {e}", param) from None
+    return grammar
+
+
+def request_grammar(tokenizer, setup: ToolSetup, fmt: dict | None, fmt_param: str) -> dict | None:
+    """The grammar a request decodes under, checked: a forced tool call's (it wins over an
+    output format: the output is the call), else the format's. A dialect that refuses both
+    at once says so before calling this."""
+    if not setup.forced:
+        return checked_grammar(tokenizer, fmt, fmt_param)
+    try:
+        grammar = forced_grammar(tokenizer, setup.tools, setup.choice)
+    except constrain.UnsupportedGrammar as e:
+        raise bad_request(f"tool_choice: {e}", "tool_choice") from None
+    return checked_grammar(tokenizer, grammar, "tools")
+
+
+# ------------------------------------------------------------------------------------------------
+# events
+# ------------------------------------------------------------------------------------------------
+
+
+async def split_events(gen: Generation, splitters: list[Splitter]
+                       ) -> AsyncIterator[tuple[int, TokenEvent | FinishEvent, list[ToolItem]]]:
+    """(choice, event, the text pieces and tool calls it completes); a finish flushes the
+    choice's splitter."""
+    async for i, ev in gen.events():
+        items = splitters[i].feed(ev.text)
+        if isinstance(ev, FinishEvent):
+            items += splitters[i].finish()
+        yield i, ev, items
+
+
+def stop_or_length(fin: FinishEvent | None) -> str:
+    """The finish reason OpenAI and Ollama report: "length", else "stop" (an error or an
+    unrequested cancel never gets this far)."""
+    return fin.reason if fin is not None and fin.reason in ("stop", "length") else "stop"
+
+
+def finite(x: float | None) -> float | None:
+    """JSON has no -inf: a masked-out token's logprob is shown as -9999."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else -9999.0
+
+
+def token_logprob(tt: TokenText, ev: TokenEvent, k: int) -> dict[str, Any]:
+    """{"token", "logprob", "bytes", "top_logprobs": [k of the same]} for one generated token."""
+    return {
+        "token": tt.text(ev.token), "logprob": finite(ev.logprob),
+        "bytes": list(tt.bytes(ev.token)),
+        "top_logprobs": [{"token": tt.text(t), "logprob": finite(lp), "bytes": list(tt.bytes(t))}
+                         for t, lp in (ev.top_logprobs or [])[:k]],
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# the answer
+# ------------------------------------------------------------------------------------------------
+
+OnError = Callable[[APIError], Iterable[bytes]]
+
+
+async def guard(chunks: AsyncIterator[bytes], on_error: OnError, path: str) -> AsyncIterator[bytes]:
+    """The stream guard: a failure after the stream started becomes the dialect's error
+    event(s) (`on_error`), then the stream ends."""
+    try:
+        async for chunk in chunks:
+            yield chunk
+    except APIError as e:
+        for chunk in on_error(e):
+            yield chunk
+    except Exception:
+        log.exception("stream on %s failed", path)
+        for chunk in on_error(internal()):
+            yield chunk
+    finally:
+        await chunks.aclose()
+
+
+async def reply(request: Request, gen: Generation, streaming: bool,
+                stream: Callable[[], AsyncIterator[bytes]], collect: Callable[[], Awaitable[T]],
+                on_error: OnError, response: type[EventStreamResponse] = EventStreamResponse
+                ) -> T | Response:
+    """A guarded stream whose end (however it ends) cancels `gen`; or `collect()` awaited,
+    cancelled if the client leaves first, `gen` cancelled whatever happens."""
+    if streaming:
+        return response(guard(stream(), on_error, request.url.path), on_close=gen.cancel)
+    try:
+        return await cancel_on_disconnect(request, collect())
+    finally:
+        gen.cancel()
