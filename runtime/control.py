@@ -1,12 +1,17 @@
 """The step channel: rank 0 tells every other rank what the next step computes.
 
-Plain TCP, length-prefixed JSON, separate from mx.distributed on purpose:
+Plain TCP, length-prefixed frames, separate from mx.distributed on purpose:
 - ranks waiting for work block in recv() and use no CPU (a rank waiting inside an mlx
   collective busy-polls: 50-95% of a core on ring and MPI);
 - no collective is ever issued outside the generation stream's forward passes, so nothing
-  races the async forward (collectives on two streams are not ordered; see DESIGN.md);
+  races the async forward (collectives issued on two streams are not ordered against each
+  other: a control all_sum during an async forward returned garbage, silently);
 - rank 0 learns at once when a peer's process dies (its connection closes), even while its
   own thread is blocked in a collective, and can fail in-flight requests promptly.
+
+Frames: a follower's hello ({"rank", "version"}) and error report ({"error"}) are small JSON
+objects; after the hello, rank 0 sends encoded step decisions (runtime/decision.py), which this
+module frames without reading.
 """
 
 from __future__ import annotations
@@ -18,12 +23,17 @@ import threading
 import time
 from typing import Callable
 
+from runtime.decision import VERSION, check_version
+
 _LEN = struct.Struct("!I")
 
 
+def _frame(data: bytes) -> bytes:
+    return _LEN.pack(len(data)) + data
+
+
 def _send(sock: socket.socket, obj) -> None:
-    data = json.dumps(obj, separators=(",", ":")).encode()
-    sock.sendall(_LEN.pack(len(data)) + data)
+    sock.sendall(_frame(json.dumps(obj, separators=(",", ":")).encode()))
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -36,9 +46,13 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def _recv(sock: socket.socket):
+def _recv_frame(sock: socket.socket) -> bytes:
     (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
-    return json.loads(_recv_exact(sock, n))
+    return _recv_exact(sock, n)
+
+
+def _recv(sock: socket.socket):
+    return json.loads(_recv_frame(sock))
 
 
 class Leader:
@@ -67,6 +81,11 @@ class Leader:
             if hello.get("rank") in hellos or not 0 < hello.get("rank", -1) < self.world:
                 conn.close()
                 continue
+            try:
+                check_version(hello.get("version"))
+            except ValueError as e:
+                conn.close()
+                raise RuntimeError(f"rank {hello['rank']}: {e}") from None
             hellos[hello["rank"]] = hello
             self.peers[hello["rank"]] = conn
         self.listener.close()
@@ -84,9 +103,9 @@ class Leader:
         if self.on_peer_lost:
             self.on_peer_lost(rank, msg)
 
-    def broadcast(self, obj) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode()
-        frame = _LEN.pack(len(data)) + data
+    def broadcast(self, data: bytes) -> None:
+        """Send one encoded step decision to every follower."""
+        frame = _frame(data)
         for rank, conn in self.peers.items():
             try:
                 conn.sendall(frame)
@@ -115,10 +134,11 @@ class Follower:
                 time.sleep(0.1)
         self.sock.settimeout(None)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        _send(self.sock, {"rank": rank, **(hello or {})})
+        _send(self.sock, {"rank": rank, "version": VERSION, **(hello or {})})
 
-    def recv(self):
-        return _recv(self.sock)
+    def recv(self) -> bytes:
+        """The next encoded step decision (blocks, using no CPU, until rank 0 sends one)."""
+        return _recv_frame(self.sock)
 
     def report_error(self, message: str) -> None:
         try:

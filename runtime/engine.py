@@ -28,6 +28,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 from mlx_lm.sample_utils import apply_top_k, apply_top_p
 
 from runtime import constrain
+from runtime.decision import Insert, StepDecision
 from runtime.requests import (
     EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, RequestHandle, TokenEvent,
 )
@@ -152,8 +153,8 @@ class Engine:
                 h.push(FinishEvent("error", len(h.request.prompt_tokens), counts.get(id(h), 0), error=reason))
 
     # -- the step decision ---------------------------------------------------------------
-    def _decide(self) -> dict | None:
-        """Rank 0: wait for work, then return this step's decision (None = shut down)."""
+    def _decide(self) -> StepDecision:
+        """Rank 0: wait for work, then return this step's decision."""
         with self._cv:
             while not (self._pending or self._stopping or any(not lv.finished for lv in self._live.values())):
                 self._cv.wait()
@@ -175,26 +176,26 @@ class Engine:
                 continue
             p = h.request.params
             seed = p.seed if p.seed is not None else random.getrandbits(31)
-            inserts.append({"tokens": h.request.prompt_tokens, "max": p.max_tokens, "t": p.temperature,
-                            "p": p.top_p, "k": p.top_k, "seed": seed, "eos": not p.ignore_eos,
-                            "g": p.grammar})
+            inserts.append(Insert(h.request.prompt_tokens, p.max_tokens, p.temperature, p.top_p, p.top_k,
+                                  seed, eos=not p.ignore_eos, grammar=p.grammar))
             self._new_handles.append(h)
         step = not stopping and (bool(inserts) or bool(self._live))
-        return {"ins": inserts, "rm": removes, "step": step, "stop": stopping}
+        return StepDecision(inserts, removes, step=step, stop=stopping)
 
-    def _apply(self, d: dict) -> list[int]:
+    def _apply(self, d: StepDecision) -> list[int]:
         """Every rank: the same inserts and removals, in the same order."""
-        if d["rm"]:
-            self.gen.remove(d["rm"])
+        if d.removes:
+            self.gen.remove(d.removes)
         uids = []
-        if d["ins"]:
+        if d.inserts:
+            ins = d.inserts
             uids = self.gen.insert(
-                [i["tokens"] for i in d["ins"]],
-                max_tokens=[i["max"] for i in d["ins"]],
-                samplers=[make_sampler(i["t"], i["p"], i["k"], i["seed"]) for i in d["ins"]],
-                stop_sequences=[self._stop_eos if i["eos"] else self._stop_none for i in d["ins"]],
-                logits_processors=[[constrain.logits_processor(i["g"], self.tokenizer)] if i.get("g") else []
-                                   for i in d["ins"]],
+                [i.tokens for i in ins],
+                max_tokens=[i.max_tokens for i in ins],
+                samplers=[make_sampler(i.temperature, i.top_p, i.top_k, i.seed) for i in ins],
+                stop_sequences=[self._stop_eos if i.eos else self._stop_none for i in ins],
+                logits_processors=[[constrain.logits_processor(i.grammar, self.tokenizer)] if i.grammar else []
+                                   for i in ins],
             )
         return uids
 
@@ -206,14 +207,14 @@ class Engine:
                 self._new_handles: list[RequestHandle] = []
                 d = self._decide()
                 if self.control is not None:
-                    self.control.broadcast(d)
+                    self.control.broadcast(d.encode())
                 uids = self._apply(d)
                 for uid, h in zip(uids, self._new_handles):
                     self._live[uid] = _Live(h, uid, self._detokenizer(), list(h.request.params.stop))
-                if d["stop"]:
+                if d.stop:
                     self._close_open("the server is shutting down")
                     break
-                if d["step"]:
+                if d.step:
                     _, responses = self.gen.next()
                     self.steps += 1
                     self._dispatch(responses)
@@ -225,13 +226,14 @@ class Engine:
             self.ready = False
 
     def run_follower(self, recv) -> None:
+        """recv() returns the next encoded StepDecision from rank 0."""
         self.ready = True
         while True:
-            d = recv()
+            d = StepDecision.decode(recv())
             self._apply(d)
-            if d["stop"]:
+            if d.stop:
                 return
-            if d["step"]:
+            if d.step:
                 self.gen.next()
                 self.steps += 1
 
@@ -318,7 +320,7 @@ class Engine:
         """A one-rank engine in this process, looping in a background thread."""
         from mlx_lm.utils import load as mlx_load
 
-        from runtime.loader import context_length, read_config
+        from runtime.contract import context_length, read_config
 
         model_path = Path(model_path)
         model, tokenizer = mlx_load(str(model_path))

@@ -1,0 +1,61 @@
+"""The step decision: what rank 0 tells every rank the next step computes.
+
+It is the data plane's one rank-to-rank message besides mx.distributed's collectives (see the
+lock-step contract in runtime/engine.py), so it is typed, versioned, and encoded and decoded only
+here; runtime/control.py frames the bytes. Bump VERSION when a field changes meaning: a rank that
+speaks another version is refused at the control channel's hello instead of computing garbage.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+VERSION = 1
+
+
+class VersionMismatch(ValueError):
+    """A peer runs an exolaunch whose step messages differ from ours."""
+
+
+@dataclass
+class Insert:
+    """A request joining the batch, with everything a rank needs to sample it identically."""
+
+    tokens: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    eos: bool  # stop at the tokenizer's end-of-sequence tokens
+    grammar: dict | None = None  # constrained decoding (runtime/constrain.py)
+
+
+@dataclass
+class StepDecision:
+    inserts: list[Insert] = field(default_factory=list)
+    removes: list[int] = field(default_factory=list)  # BatchGenerator uids, in order
+    step: bool = False  # run one batched forward
+    stop: bool = False  # shut down after applying this decision
+    version: int = VERSION
+
+    def encode(self) -> bytes:
+        return json.dumps({"v": self.version, "ins": [vars(i) for i in self.inserts], "rm": self.removes,
+                           "step": self.step, "stop": self.stop}, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> "StepDecision":
+        msg = json.loads(data)
+        check_version(msg.get("v"))
+        try:
+            inserts = [Insert(**i) for i in msg["ins"]]
+            return cls(inserts, list(msg["rm"]), bool(msg["step"]), bool(msg["stop"]))
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"malformed step decision ({type(e).__name__}: {e})") from None
+
+
+def check_version(version) -> None:
+    if version != VERSION:
+        raise VersionMismatch(f"step message version {version!r}, this rank speaks {VERSION}: "
+                              "install the same exolaunch version on every host (`exolaunch doctor` checks)")
