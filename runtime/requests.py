@@ -130,6 +130,14 @@ class EngineFailed(RuntimeError):
     """The engine cannot take requests: it failed, or it is shutting down (the API says 503)."""
 
 
+class QueueFull(Exception):
+    """Admission control: the waiting queue is full (the API says 429 with Retry-After)."""
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class Engine(Protocol):
     """What rank 0's API uses of the engine. Read-only properties: plain attributes satisfy
     them."""
@@ -151,6 +159,7 @@ class Engine(Protocol):
 
     def submit(self, req: GenerationRequest,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
-        """Queue a request; raises PromptTooLong, EngineFailed, or ValueError (a bad request,
-        e.g. constrain.UnsupportedGrammar)."""
+        """Queue a request; raises PromptTooLong (it can never fit the context or the KV
+        budget), QueueFull (too many waiting now), EngineFailed, or ValueError (a bad request,
+        e.g. constrain.UnsupportedGrammar). A request that fits but not now waits its turn."""
         ...
