@@ -124,6 +124,16 @@ def run_(
     connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="SSH connect timeout, seconds."),
     host_key_check: Optional[str] = typer.Option(None, "--host-key-check", help="yes | accept-new | no."),
     data_port: Optional[int] = typer.Option(None, "--data-port", help="First data-plane port (overrides the hostfile)."),
+    max_num_seqs: int = typer.Option(contract.DEFAULT_MAX_NUM_SEQS, "--max-num-seqs",
+                                     help="Sequences decoded at once; more requests wait in the queue."),
+    max_queue: int = typer.Option(contract.DEFAULT_MAX_QUEUE, "--max-queue",
+                                  help="Requests waiting for a slot; beyond it the API answers 429 with Retry-After."),
+    max_model_len: Optional[int] = typer.Option(
+        None, "--max-model-len", help="Prompt + output tokens per sequence (default: the plan's context: the "
+                                      "model's, at most 32768)."),
+    max_total_tokens: Optional[int] = typer.Option(
+        None, "--max-total-tokens", help="KV budget: prompt + max_tokens summed over running sequences "
+                                         "(default: what the plan's spare memory holds)."),
     force: bool = typer.Option(False, "--force", help="Start even if the plan says the model does not fit."),
     skip_doctor: bool = typer.Option(False, "--skip-doctor", help="Skip the preflight checks of `exolaunch doctor`."),
 ):
@@ -133,11 +143,16 @@ def run_(
         raise ConfigError(f"--sharding {sharding!r}: expected tensor or pipeline.")
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port {port}: expected a port between 1 and 65535.")
+    for flag, value, least in (("--max-num-seqs", max_num_seqs, 1), ("--max-queue", max_queue, 0),
+                               ("--max-model-len", max_model_len, 1), ("--max-total-tokens", max_total_tokens, 1)):
+        if value is not None and value < least:
+            raise ConfigError(f"{flag} {value}: expected a whole number of at least {least}.")
     sopts = ssh_options(connect_timeout, host_key_check, ready_timeout=ready_timeout,
                         heartbeat_timeout=heartbeat_timeout, grace=grace)
     g: Globals = ctx.obj
     hostfile, topology = load_cluster_at(g, data_port)
-    plan = _plan_or_none(model, hostfile, topology, backend=backend, sharding=sharding, np=np)
+    plan = _plan_or_none(model, hostfile, topology, backend=backend, sharding=sharding, np=np,
+                         context=max_model_len)
     if plan is not None:
         if dry_run:
             typer.echo(plan.render())
@@ -166,7 +181,16 @@ def run_(
             print("exolaunch: refusing to start: fix the problems above (or --skip-doctor).", file=sys.stderr)
             return EXIT_REFUSED
     command = ["python", "-m", "runtime", "serve", "--model", model, "--sharding", sharding,
-               "--host", host, "--port", str(port)]
+               "--host", host, "--port", str(port), "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max_queue)]
+    # One KV budget: the ranks admit within the numbers the plan sized (context, sequences,
+    # bytes per token), so a plan that fits keeps fitting under load.
+    if plan is not None:
+        max_model_len = max_model_len or plan.context
+        max_total_tokens = max_total_tokens or plan.max_total_tokens(max_num_seqs)
+    if max_model_len:
+        command += ["--max-model-len", str(max_model_len)]
+    if max_total_tokens:
+        command += ["--max-total-tokens", str(max_total_tokens)]
     # The control channel listens on rank 0's first data-plane address, just below the
     # data-plane ports. The API key travels in the environment, not on a command line.
     rank_env = {contract.ENV_CONTROL: contract.format_control(

@@ -85,6 +85,7 @@ class RankPlan:
     usable_gb: float | None       # the host's usable memory (shared by its ranks)
     free_gb: float | None         # usable minus what every rank on that host needs
     fits: bool
+    kv_bytes_per_token: float = 0.0  # this rank's KV for one token of one sequence
 
     @property
     def need_gb(self) -> float:
@@ -127,6 +128,26 @@ class Plan:
     alternatives: list[Layout]
     reasons: list[str]
     warnings: list[str]
+
+    def kv_budget_tokens(self) -> int | None:
+        """Tokens of KV cache (summed over all running sequences) the tightest host holds once
+        weights and headroom are placed; None when no host's memory is known."""
+        budgets = []
+        for name, info in self.hosts.items():
+            mine = [r for r in self.ranks if r.host == name]
+            per_token = sum(r.kv_bytes_per_token for r in mine)
+            if info.usable_gb is None or not mine or per_token <= 0:
+                continue
+            spare = info.usable_gb - sum(r.weights_gb + r.headroom_gb for r in mine)
+            budgets.append(max(0, int(spare * GB / per_token)))
+        return min(budgets) if budgets else None
+
+    def max_total_tokens(self, max_num_seqs: int) -> int:
+        """What `run` gives the ranks as their KV budget (--max-total-tokens): the memory's, at
+        most max_num_seqs full-context sequences."""
+        cap = max_num_seqs * self.context
+        budget = self.kv_budget_tokens()
+        return cap if budget is None else min(budget, cap)
 
     @property
     def sharding(self) -> str:
@@ -337,7 +358,8 @@ def _memory(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[str,
                 shard = f"layers {start}-{start + n_layers - 1}" if len(layout.stages) > 1 else "all layers"
             rk = ranks[r]
             plans.append(RankPlan(rk.rank, rk.host.name, shard, (start, start + n_layers), w / GB, kv / GB,
-                                  head, infos[rk.host.name].usable_gb, None, True))
+                                  head, infos[rk.host.name].usable_gb, None, True,
+                                  kv_tok * n_layers / card.layers))
         start += n_layers
     plans.sort(key=lambda p: p.rank)
     for name, info in infos.items():
@@ -627,6 +649,11 @@ def render(plan: Plan, width: int = 120) -> str:
         a.add_row(("* " if lay is plan.layout else "  ") + lay.name, split, f"{lay.tok_s:,.1f}",
                   f"{lay.step_ms:,.2f}", f"{lay.comm_ms:,.2f}", fits, "; ".join(lay.problems))
     con.print(a)
+    budget = plan.kv_budget_tokens()
+    if budget is not None:
+        con.print(f"KV budget: {budget:,} tokens across all running sequences on the tightest host "
+                  f"({budget / plan.context:,.1f} x context {plan.context:,}); `run` admits requests within "
+                  "it (--max-total-tokens) and queues the rest.")
     verdict = "fits" if plan.fits else "DOES NOT FIT" if not plan.memory_fits else "CANNOT RUN"
     con.print(f"Verdict: {verdict}. Estimated decode {plan.tok_s:,.1f} tok/s "
               f"(batch {plan.batch}, short context; rough, see docs/planner.md).")

@@ -38,10 +38,18 @@ def parse(argv):
     s.add_argument("--host", default=contract.DEFAULT_API_HOST)
     s.add_argument("--port", type=int, default=contract.DEFAULT_API_PORT)
     s.add_argument("--prefill-step", type=int, default=256)
-    s.add_argument("--max-batch", type=int, default=32)
-    s.add_argument("--max-context", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=contract.DEFAULT_MAX_NUM_SEQS,
+                   help="sequences decoded at once; more wait in the queue")
+    s.add_argument("--max-queue", type=int, default=contract.DEFAULT_MAX_QUEUE,
+                   help="requests waiting for a slot; beyond it the API answers 429")
+    s.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + output tokens per sequence (default: the model's context)")
+    s.add_argument("--max-total-tokens", type=int, default=None,
+                   help="KV budget: prompt + max_tokens summed over running sequences (default: "
+                        "max-num-seqs full sequences)")
     b = sub.add_parser("bench", parents=[], help="drive the engine in-process from rank 0 (no HTTP)")
-    for a in ("--model", "--sharding", "--prefill-step", "--max-batch", "--max-context"):
+    for a in ("--model", "--sharding", "--prefill-step", "--max-num-seqs", "--max-queue", "--max-model-len",
+              "--max-total-tokens"):
         b._add_action(next(x for x in s._actions if a in x.option_strings))
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--gen-tokens", type=int, default=128)
@@ -74,9 +82,10 @@ def serve(args) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"[load] loaded rank {rank}/{world} in {time.monotonic() - t0:.1f} s", flush=True)
-    ctx = args.max_context or context_length(config)
+    ctx = args.max_model_len or context_length(config)
     engine_kw = dict(model_id=model_id, model_path=path, group=group, context_length=ctx,
-                     prefill_step=args.prefill_step, max_batch=args.max_batch)
+                     prefill_step=args.prefill_step, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
+                     max_total_tokens=args.max_total_tokens)
     ctl_host, ctl_port = contract.parse_control(os.environ.get(contract.ENV_CONTROL))
 
     if rank != 0:

@@ -39,6 +39,12 @@ DEFAULT_API_PORT = 52415  # exo's
 DEFAULT_DATA_PORT = 52600  # first data-plane port
 
 
+# Admission defaults (vLLM's --max-num-seqs; a waiting queue beyond it, then 429). `run` passes
+# the plan's --max-model-len and --max-total-tokens (the KV budget) with these to every rank.
+DEFAULT_MAX_NUM_SEQS = 32
+DEFAULT_MAX_QUEUE = 256
+
+
 def control_port(data_port: int) -> int:
     """The step channel listens on rank 0 just below the data-plane ports."""
     return data_port - 1

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import threading
 import time
@@ -25,12 +26,12 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
-from mlx_lm.sample_utils import apply_top_k, apply_top_p
+from mlx_lm.sample_utils import apply_top_p
 
 from runtime import constrain
 from runtime.decision import Insert, StepDecision
 from runtime.requests import (
-    EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, RequestHandle, TokenEvent,
+    EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, QueueFull, RequestHandle, TokenEvent,
 )
 
 log = logging.getLogger("exolaunch.engine")
@@ -40,20 +41,34 @@ def _greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
+def _top_k(logprobs: mx.array, k: int) -> mx.array:
+    """Keep the k most likely tokens. Not mlx-lm's apply_top_k: that one raises for k >= the
+    vocabulary (inside every rank's step, which ends the cluster) and, compiled with k as a
+    constant, compiles anew for every distinct k."""
+    if k >= logprobs.shape[-1]:
+        return logprobs
+    drop = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., k:]
+    return mx.put_along_axis(logprobs, drop, mx.array(-float("inf"), logprobs.dtype), axis=-1)
+
+
 def make_sampler(temperature: float, top_p: float, top_k: int, seed: int):
     """A per-request sampler with its own PRNG key: the same seed gives the same tokens on
     every rank and in every batch composition. Greedy requests share one function so the
-    generator can sample them in one batched call."""
-    if temperature <= 0:
+    generator can sample them in one batched call. The API validates the values; out-of-range
+    ones are still made harmless here, since a sampler that raises stops every rank."""
+    if not temperature > 0 or not math.isfinite(temperature):  # NaN, 0, negative: greedy
         return _greedy
     state = [mx.random.key(seed)]
-    inv_t = 1.0 / temperature
+    inv_t = 1.0 / max(temperature, 1e-6)
+    # top_p as an array: mlx compiles apply_top_p once per distinct Python float otherwise
+    # (0.7 s each on the CPU build), and a client sweeping top_p would stall every request.
+    p = mx.array(top_p, dtype=mx.float32) if 0 < top_p < 1 else None
 
     def sample(logprobs: mx.array) -> mx.array:
         if top_k > 0:
-            logprobs = apply_top_k(logprobs, top_k)
-        if 0 < top_p < 1:
-            logprobs = apply_top_p(logprobs, top_p)
+            logprobs = _top_k(logprobs, top_k)
+        if p is not None:
+            logprobs = apply_top_p(logprobs, p)
         state[0], sub = mx.random.split(state[0])
         return mx.random.categorical(logprobs * inv_t, key=sub)
 
@@ -75,16 +90,24 @@ class _Live:
 
 
 class Engine:
+    """Admission (rank 0): at most `max_num_seqs` sequences run, and the prompt + max_tokens of
+    the running ones together stay within `max_total_tokens` (the KV budget the plan sized, so a
+    plan that fits keeps fitting under load); what does not fit now waits in a queue of at most
+    `max_queue` requests, beyond which submit raises QueueFull."""
+
     def __init__(self, model, tokenizer, *, model_id: str, model_path: Path, group, control=None,
-                 context_length: int = 4096, prefill_step: int = 256, max_batch: int = 32):
+                 context_length: int = 4096, prefill_step: int = 256, max_num_seqs: int = 32,
+                 max_queue: int = 256, max_total_tokens: int | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.model_id, self.model_path = model_id, Path(model_path)
         self.group, self.control = group, control
         self.rank = group.rank()
         self.context_length = context_length
+        self.max_num_seqs, self.max_queue = max(1, max_num_seqs), max(0, max_queue)
+        self.max_total_tokens = max_total_tokens or self.max_num_seqs * context_length
         self.created = int(time.time())
-        self.gen = BatchGenerator(model, prefill_step_size=prefill_step, completion_batch_size=max_batch,
-                                  prefill_batch_size=min(8, max_batch))
+        self.gen = BatchGenerator(model, prefill_step_size=prefill_step, completion_batch_size=self.max_num_seqs,
+                                  prefill_batch_size=min(8, self.max_num_seqs))
         eos = list(getattr(tokenizer, "eos_token_ids", None) or [])
         self._stop_eos = StopSequences([[t] for t in eos]) if eos else StopSequences(None)
         self._stop_none = StopSequences(None)
@@ -109,6 +132,10 @@ class Engine:
         if n + p.max_tokens > self.context_length:
             raise PromptTooLong(f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} "
                                 f"exceeds the model's context of {self.context_length} tokens")
+        if n + p.max_tokens > self.max_total_tokens:
+            raise PromptTooLong(f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} "
+                                f"exceeds the cluster's KV cache budget of {self.max_total_tokens} tokens "
+                                "(--max-total-tokens)")
         if p.grammar is not None:
             # Refuse here what a rank could not compile in _apply (that would stop the engine).
             constrain.validate(p.grammar, self.tokenizer)  # UnsupportedGrammar (a ValueError)
@@ -116,6 +143,14 @@ class Engine:
         with self._cv:
             if self._stopping:
                 raise EngineFailed("the server is shutting down")
+            # Waiting = pending requests beyond the free sequence slots (the next step admits those).
+            free = self.max_num_seqs - sum(1 for lv in self._live.values() if not lv.finished)
+            waiting = sum(1 for h in self._pending if not h.cancelled.is_set()) - max(0, free)
+            if waiting >= self.max_queue:
+                # Roughly when a slot frees up: each full round of running sequences ahead.
+                retry = 1.0 + waiting // self.max_num_seqs
+                raise QueueFull(f"the server is busy: {waiting} requests are waiting (--max-queue "
+                                f"{self.max_queue}); retry after {retry:g} s", retry_after=retry)
             self._pending.append(handle)
             self._cv.notify()
         return handle
@@ -123,6 +158,10 @@ class Engine:
     def active_requests(self) -> int:
         with self._cv:
             return len(self._pending) + sum(1 for lv in self._live.values() if not lv.finished)
+
+    def _fits(self, h: RequestHandle, running: int, reserved: int) -> bool:
+        return (running < self.max_num_seqs
+                and reserved + len(h.request.prompt_tokens) + h.request.params.max_tokens <= self.max_total_tokens)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         with self._cv:
@@ -143,7 +182,9 @@ class Engine:
 
     def _close_open(self, reason: str) -> None:
         with self._cv:
+            # Also the handles of this step's inserts, which are in neither list for a moment.
             handles = [lv.handle for lv in self._live.values() if not lv.finished] + self._pending
+            handles += [h for h in self._new_handles if h not in handles]
             counts = {id(lv.handle): lv.completion for lv in self._live.values()}
             self._pending = []
             self._stopping = True
@@ -154,21 +195,34 @@ class Engine:
 
     # -- the step decision ---------------------------------------------------------------
     def _decide(self) -> StepDecision:
-        """Rank 0: wait for work, then return this step's decision."""
+        """Rank 0: wait for work, then return this step's decision. Requests join in arrival
+        order while they fit (admission above); the first that does not fit waits, and so does
+        everyone behind it, so a long request is never starved by short ones."""
+        removes = []
         with self._cv:
             while not (self._pending or self._stopping or any(not lv.finished for lv in self._live.values())):
                 self._cv.wait()
-            new, self._pending = self._pending, []
             stopping = self._stopping
-        removes = []
-        for uid, lv in list(self._live.items()):
-            if lv.finished:
-                removes.append(uid)
-                del self._live[uid]
-            elif lv.handle.cancelled.is_set():
-                self._finish(lv, "cancelled")
-                removes.append(uid)
-                del self._live[uid]
+            # _live changes only under the lock: fail() may close it from another thread.
+            for uid, lv in list(self._live.items()):
+                if lv.finished:
+                    removes.append(uid)
+                    del self._live[uid]
+                elif lv.handle.cancelled.is_set():
+                    self._finish(lv, "cancelled")
+                    removes.append(uid)
+                    del self._live[uid]
+            running = len(self._live)
+            reserved = sum(len(lv.handle.request.prompt_tokens) + lv.handle.request.params.max_tokens
+                           for lv in self._live.values())
+            new = []
+            while not stopping and self._pending and (self._pending[0].cancelled.is_set()
+                                                      or self._fits(self._pending[0], running, reserved)):
+                h = self._pending.pop(0)
+                new.append(h)
+                if not h.cancelled.is_set():
+                    running += 1
+                    reserved += len(h.request.prompt_tokens) + h.request.params.max_tokens
         inserts = []
         for h in new:
             if h.cancelled.is_set():
@@ -209,8 +263,9 @@ class Engine:
                 if self.control is not None:
                     self.control.broadcast(d.encode())
                 uids = self._apply(d)
-                for uid, h in zip(uids, self._new_handles):
-                    self._live[uid] = _Live(h, uid, self._detokenizer(), list(h.request.params.stop))
+                with self._cv:
+                    for uid, h in zip(uids, self._new_handles):
+                        self._live[uid] = _Live(h, uid, self._detokenizer(), list(h.request.params.stop))
                 if d.stop:
                     self._close_open("the server is shutting down")
                     break
@@ -294,13 +349,21 @@ class Engine:
 
     @staticmethod
     def _safe_end(lv: _Live, text: str) -> int:
-        """How far text can be emitted: hold back a tail that could still begin a stop string."""
+        """How far text can be emitted: hold back a tail that could still begin a stop string.
+        Only the last len(stop) - 1 characters can, and only from where the stop's first
+        character occurs there, so the work per token is bounded by the stop strings' lengths
+        (capped by the API), not by the length of the output."""
         end = len(text)
         for s in lv.stops:
-            for k in range(min(len(s) - 1, end), 0, -1):
-                if text.endswith(s[:k]):
-                    end = min(end, len(text) - k)
+            if not s:
+                continue
+            tail_start = max(len(text) - (len(s) - 1), lv.emitted)
+            i = text.find(s[0], tail_start)
+            while i != -1:
+                if s.startswith(text[i:]):
+                    end = min(end, i)
                     break
+                i = text.find(s[0], i + 1)
         return max(end, lv.emitted)
 
     @staticmethod
