@@ -156,8 +156,12 @@ class Engine:
         return handle
 
     def active_requests(self) -> int:
+        return sum(self.load())
+
+    def load(self) -> tuple[int, int]:
+        """(running sequences, requests waiting to be admitted)."""
         with self._cv:
-            return len(self._pending) + sum(1 for lv in self._live.values() if not lv.finished)
+            return sum(1 for lv in self._live.values() if not lv.finished), len(self._pending)
 
     def _fits(self, h: RequestHandle, running: int, reserved: int) -> bool:
         return (running < self.max_num_seqs

@@ -157,6 +157,8 @@ class Engine(Protocol):
     @property
     def failed(self) -> str | None: ...  # why the engine can no longer serve, once it cannot
 
+    def load(self) -> tuple[int, int]: ...  # (running sequences, requests waiting to be admitted)
+
     def submit(self, req: GenerationRequest,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request; raises PromptTooLong (it can never fit the context or the KV

@@ -46,6 +46,9 @@ class FakeEngine:
         self.n = tokens_before_failure
         self.push_error = push_error
 
+    def load(self):
+        return 0, 0
+
     def submit(self, req, loop=None):
         if self.failed:
             raise EngineFailed(self.failed)

@@ -1,6 +1,7 @@
 """Rank 0's HTTP API: one app, one thin adapter module per dialect over one shared core.
 
-    app.py          create_app(engine, api_key=...): health, readiness, auth, error handlers
+    app.py          create_app(engine, api_key=..., max_body_mb=...): health, readiness, auth,
+                    body limit, error handlers, /openapi.json
     openai.py       OpenAI chat completions, completions, models
     responses.py    OpenAI Responses (/v1/responses)
     anthropic.py    Anthropic Messages (/v1/messages, count_tokens)
@@ -12,6 +13,11 @@
                     / failure); the engine only through the `Engine` protocol (runtime/requests.py)
     core.py         what the dialects do alike: sampling rules, grammar checks, split events,
                     logprob entries, the stream guard and the reply (stream or collected)
+    limits.py       every bound a request meets (sampling values, stop strings, prompts x n,
+                    prompt characters, body size, nesting), checked for every dialect at
+                    Serving.submit and in the body models
+    body.py         what a body must be before a dialect sees it: at most --max-body-mb (413),
+                    JSON (content type; depth; no lone surrogates), the route classes
     tools.py        tool calling: validation, the model's call syntax, forcing grammars,
                     streaming parser and splitter, messages for the next turn
     prompt.py       chat template rendering, completion prompts, token bytes for logprobs
@@ -29,7 +35,11 @@ Decisions where the OpenAI spec is silent or this server differs:
   Anything else is 404 model_not_found.
 - Without max_tokens a request may generate up to the rest of the context window.
 - n choices are n engine requests; with a seed, choice i uses seed+i (mod 2**63).
-- top_p == 0 means greedy. presence/frequency penalties and other unknown fields are ignored.
+- top_p == 0 means greedy; top_k >= the vocabulary means off. presence/frequency penalties,
+  logit_bias, min_p and repetition_penalty are checked (range, vocabulary) and ignored; other
+  unknown fields are ignored.
+- A full engine queue is a 429 with Retry-After (seconds) and retry-after-ms, in each
+  dialect's error shape.
 - A stream that fails after it started sends `data: {"error": {...}}` and ends without [DONE].
 - A client that disconnects (streaming or not) cancels its engine requests.
 """

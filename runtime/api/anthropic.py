@@ -8,7 +8,8 @@ Request fields: model (required), max_tokens (required, >= 1), messages (role us
 content a string or blocks: text, tool_use (assistant), tool_result (user; content a string or
 text blocks; is_error prefixes "Error: "), thinking / redacted_thinking (dropped); image and
 document blocks are a 400 (text-only models)), system (string or text blocks), stop_sequences
-(up to 16), temperature (0..1, default 1; 0 = greedy), top_p (0..1; 0 = greedy), top_k,
+(up to 16, each at most 256 characters), temperature (0..1, default 1; 0 = greedy, else at
+least 1e-6), top_p (0..1; 0 = greedy), top_k (>= the vocabulary means off),
 tools (custom tools: name, description, input_schema; server tools are a 400), tool_choice
 ({"type": "auto"|"any"|"tool"|"none", "name"}; "any" and "tool" are enforced with
 constrained decoding, so `input` always validates against `input_schema`), output_config.format
@@ -53,13 +54,16 @@ from pydantic import Field
 from .. import constrain
 from ..requests import FinishEvent, SamplingParams
 from . import tools as toolkit
-from .core import StrictBody, reply, request_grammar, sampling, split_events, stop_strings
+from .body import JSONRoute
+from .core import (
+    StopList, StrictBody, reply, request_grammar, sampling, split_events, stop_strings,
+)
 from .errors import APIError, bad_request, register_error_format
 from .generation import Serving
 from .prompt import encode_continuation, encode_text, render_chat
 from .sse import sse_event
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 PREFIX = "/v1/messages"
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
@@ -130,7 +134,7 @@ class _Shared(StrictBody):
 
 class MessagesRequest(_Shared):
     max_tokens: int = Field(ge=1)
-    stop_sequences: list[str] | None = None
+    stop_sequences: StopList | None = None
     temperature: float | None = Field(None, ge=0, le=1)
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0)
@@ -290,14 +294,15 @@ def prepare(serving: Serving, body: _Shared, *, with_grammar: bool) -> Prepared:
     kwargs: dict[str, Any] = {}
     if tools:
         kwargs["tools"] = toolkit.template_tools(tools)
+    ctx = serving.context_length
     if messages:
-        tokens = render_chat(tok, messages, **kwargs)
+        tokens = render_chat(tok, messages, context_length=ctx, **kwargs)
     elif prefill:  # only a prefill: treat it as a plain prompt
-        tokens, prefill = encode_text(tok, prefill, param="messages"), None
+        tokens, prefill = encode_text(tok, prefill, param="messages", context_length=ctx), None
     else:
         raise bad_request("messages: at least one user message is required", "messages")
     if prefill:
-        tokens = tokens + encode_continuation(tok, prefill)
+        tokens = tokens + encode_continuation(tok, prefill, param="messages", context_length=ctx)
     fmt = _output_format(body)
     if not with_grammar:
         return Prepared(tokens, setup)
@@ -448,7 +453,8 @@ async def messages(request: Request, body: MessagesRequest):
     prep = await serving.run_sync(prepare, serving, body, with_grammar=True)
     params = _params(body, prep.grammar)
     mid = f"msg_{uuid.uuid4().hex[:24]}"
-    gen = await serving.submit([(prep.tokens, params)], mid, prompt_param="messages")
+    gen = await serving.submit([(prep.tokens, params)], mid, prompt_param="messages",
+                               names={"stop": "stop_sequences"})
     n_in = len(prep.tokens)
 
     def message(content: list[dict], reason: str | None, seq: str | None,

@@ -1,9 +1,10 @@
-"""The HTTP app rank 0 serves: create_app(engine, api_key=...) -> FastAPI.
+"""The HTTP app rank 0 serves: create_app(engine, api_key=..., max_body_mb=...) -> FastAPI.
 
 Routes
     GET|HEAD /health                 200 {"status": "ok"} while the process is up (no auth)
-    GET|HEAD /ready                  200 {"status": "ready", "model": id} once every rank has
-                                     loaded and the engine has not failed; else 503
+    GET|HEAD /ready                  200 {"status": "ready", "model": id, "running": n, "waiting": m}
+                                     once every rank has loaded and the engine has not failed;
+                                     else 503
                                      {"status": "loading"|"failed", "reason": "..."}
     POST /v1/chat/completions        OpenAI (runtime/api/openai.py)
     POST /v1/completions
@@ -14,10 +15,16 @@ Routes
     /api/tags, /api/show, /api/ps, /api/version, GET|HEAD /
                                      Ollama's model routes (runtime/api/ollama_models.py; `/`
                                      needs the key too)
+    GET  /openapi.json               the request bodies of every route (OpenAPI 3)
 
 Auth: with api_key set, every route except /health needs `Authorization: Bearer KEY` (or
 `x-api-key: KEY`); otherwise 401. Errors are OpenAI error objects (runtime/api/errors.py);
 request validation failures are 400 (not FastAPI's 422) naming the field.
+
+Bodies (runtime/api/body.py): larger than `max_body_mb` -> 413, before anything parses them;
+not JSON, nested too deeply or holding a lone surrogate -> 400 (415 for a non-JSON
+Content-Type outside Ollama's routes). Every bound on what a request may ask is
+runtime/api/limits.py.
 """
 
 from __future__ import annotations
@@ -32,13 +39,16 @@ from . import ollama_models
 from . import openai as openai_dialect
 from . import responses as responses_dialect
 from .auth import APIKeyMiddleware
+from .body import BodyLimit
 from .errors import install_error_handlers
 from .generation import Serving
+from .limits import DEFAULT_MAX_BODY_MB
 
 
-def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
+def create_app(engine: Engine, *, api_key: str | None = None,
+               max_body_mb: float = DEFAULT_MAX_BODY_MB) -> FastAPI:
     app = FastAPI(title="exolaunch", version="0.1.0", docs_url=None, redoc_url=None,
-                  openapi_url=None)
+                  openapi_url="/openapi.json")
     app.state.serving = Serving(engine)
     install_error_handlers(app)
 
@@ -51,7 +61,8 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
         serving = Serving.of(request)
         status, why = serving.state()
         if status == "ready":
-            return {"status": status, "model": serving.model_id}
+            running, waiting = serving.load()
+            return {"status": status, "model": serving.model_id, "running": running, "waiting": waiting}
         return JSONResponse({"status": status, "reason": why}, status_code=503)
 
     app.include_router(openai_dialect.router)
@@ -60,6 +71,7 @@ def create_app(engine: Engine, *, api_key: str | None = None) -> FastAPI:
     app.include_router(ollama_dialect.router)
     app.include_router(ollama_models.router)
 
-    if api_key:
+    app.add_middleware(BodyLimit, max_bytes=int(max_body_mb * 1_000_000))
+    if api_key:  # outermost: no body is read for a request without the key
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     return app

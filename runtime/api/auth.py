@@ -18,7 +18,8 @@ from .errors import INVALID_REQUEST, APIError, error_response
 OPEN_PATHS = frozenset({"/health"})
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
+    """A request header's value (`name` in lower case), or None."""
     for k, v in scope.get("headers", ()):
         if k.lower() == name:
             return v.decode("latin-1")
@@ -26,13 +27,13 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def presented_key(scope: Scope) -> str | None:
-    auth = _header(scope, b"authorization")
+    auth = header(scope, b"authorization")
     if auth is not None:
         scheme, _, token = auth.strip().partition(" ")
         if scheme.lower() == "bearer" and token.strip():
             return token.strip()
         return None
-    key = _header(scope, b"x-api-key")
+    key = header(scope, b"x-api-key")
     return key.strip() if key else None
 
 

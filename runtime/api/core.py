@@ -3,7 +3,9 @@
     StrictBody          base of the strictly typed request bodies (unknown fields allowed)
     sampling, seed_for, stop_strings, max_tokens_or_rest
                         the sampling rules every dialect shares (top_p 0 = greedy, seeds
-                        mod 2**63, at most MAX_STOP stop strings, default max_tokens)
+                        mod 2**63, stop strings within limits.MAX_STOP / MAX_STOP_CHARS,
+                        default max_tokens); the bounds themselves are runtime/api/limits.py,
+                        enforced for every dialect at `Serving.submit`
     checked_grammar, request_grammar
                         grammars refused up front with a 400 naming the field
     split_events        a Generation's events with the text pieces and tool calls they complete
@@ -19,9 +21,9 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
+from typing import Annotated, Any, AsyncIterator, Awaitable, Callable, Iterable, TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -29,6 +31,7 @@ from .. import constrain
 from ..requests import FinishEvent, TokenEvent
 from .errors import APIError, bad_request, internal
 from .generation import Generation, Serving, cancel_on_disconnect
+from .limits import MAX_STOP, MAX_STOP_CHARS, SEED_MAX, SEED_MIN, SEED_MOD, check_stops
 from .prompt import TokenText
 from .sse import EventStreamResponse
 from .tools import Splitter, ToolItem, ToolSetup, forced_grammar
@@ -37,14 +40,19 @@ log = logging.getLogger("exolaunch.api")
 
 T = TypeVar("T")
 
-MAX_STOP = 16
-SEED_MOD = 1 << 63  # seeds travel to every rank as int64
-
 
 class StrictBody(BaseModel):
-    """Unknown fields allowed (clients send many), known ones strictly typed."""
+    """Unknown fields allowed (clients send many), known ones strictly typed; no NaN or
+    infinity (JSON has neither, but Python's parser takes `NaN` and turns 1e999 into inf)."""
 
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
+
+
+# Wire types of the shared sampling fields, with the bounds of runtime/api/limits.py (in the
+# OpenAPI schema too); Serving.submit checks the values again whatever the dialect.
+StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+StopList = Annotated[list[StopString], Field(max_length=MAX_STOP)]
+Seed = Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,14 +74,10 @@ def seed_for(seed: int | None, choice: int = 0) -> int | None:
     return None if seed is None else (seed + choice) % SEED_MOD
 
 
-def stop_strings(stop: Any, param: str, name: str | None = None) -> list[str]:
-    """One stop string or a list of at most MAX_STOP; empty ones dropped."""
+def stop_strings(stop: Any, param: str) -> list[str]:
+    """One stop string or a list of them, within the limits; empty ones dropped."""
     stops = [] if stop is None else [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise bad_request(f"{name or param} must be a list of strings", param)
-    if len(stops) > MAX_STOP:
-        raise bad_request(f"{name or param}: at most {MAX_STOP} stop sequences", param)
-    return [s for s in stops if s]
+    return [s for s in check_stops(stops, param) if s]
 
 
 def max_tokens_or_rest(max_tokens: int | None, prompt_len: int, serving: Serving) -> int:

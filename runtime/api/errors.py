@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -33,6 +34,7 @@ AUTHENTICATION = "authentication_error"
 NOT_FOUND = "not_found_error"
 SERVER_ERROR = "server_error"
 UNAVAILABLE = "service_unavailable_error"
+RATE_LIMIT = "requests"  # what OpenAI's 429s say (code "rate_limit_exceeded")
 
 
 @dataclass(eq=False)
@@ -63,6 +65,16 @@ def not_found(message: str, param: str | None = None, code: str | None = None) -
 
 def unavailable(message: str, code: str | None = "engine_unavailable") -> APIError:
     return APIError(503, message, UNAVAILABLE, None, code)
+
+
+def rate_limited(message: str, retry_after: float) -> APIError:
+    """429 with Retry-After (whole seconds, at least 1) and retry-after-ms: the official
+    SDKs wait that long and retry."""
+    ok = isinstance(retry_after, (int, float)) and math.isfinite(retry_after)
+    seconds = max(1.0, float(retry_after) if ok else 1.0)
+    return APIError(429, message, RATE_LIMIT, None, "rate_limit_exceeded",
+                    headers={"Retry-After": str(math.ceil(seconds)),
+                             "retry-after-ms": str(int(seconds * 1000))})
 
 
 def internal(message: str = "internal server error (see the server log)") -> APIError:
@@ -104,7 +116,8 @@ def _is_type_tag(p: object) -> bool:
     """pydantic puts the union member tried into `loc` ("stop", "str"): not a field."""
     if not isinstance(p, str):
         return False
-    return p.lower() in _TYPE_TAGS or "[" in p or p.startswith(("function-", "lax-", "json-"))
+    return p.lower() in _TYPE_TAGS or "[" in p or p.startswith(
+        ("function-", "lax-", "json-", "constrained-"))
 
 
 def _loc(loc: tuple | list) -> str:
@@ -135,7 +148,8 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
             param = where
         text = f"{where}: {e.get('msg', 'invalid value')}" if where else e.get("msg", "invalid")
         if e.get("type") == "missing":
-            text = f"{where}: field required"
+            text = f"{where}: field required" if where else \
+                "the request body is missing: send a JSON object"
         if text not in msgs:
             msgs.append(text)
     if len(msgs) > 4:

@@ -8,8 +8,10 @@ runtime/requests.py) and
   `admit` does both for a route),
 - runs tokenization off the event loop (one worker thread, so the HF tokenizer is never used
   by two request threads at once),
-- submits n engine requests for one API request (`submit` -> `Generation`), mapping
-  PromptTooLong -> 400 and EngineFailed / not ready -> 503,
+- submits n engine requests for one API request (`submit` -> `Generation`), every
+  SamplingParams checked first (runtime/api/limits.py: a 400 naming the dialect's field, or
+  clamped), mapping PromptTooLong -> 400, QueueFull -> 429 with Retry-After and
+  EngineFailed / not ready -> 503,
 - merges their event streams (`Generation.events()`), turning an engine error into an
   `APIError` and never hanging: if the engine fails without finishing a request, a watchdog
   notices `engine.failed` within `poll_interval` seconds and finishes it with an error,
@@ -33,11 +35,15 @@ from typing import Any, AsyncIterator, Awaitable, Callable, TypeVar
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..contract import read_config
 from ..requests import (
-    Engine, EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, RequestHandle,
-    SamplingParams, TokenEvent,
+    Engine, EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, QueueFull,
+    RequestHandle, SamplingParams, TokenEvent,
 )
-from .errors import APIError, SERVER_ERROR, bad_request, internal, not_found, unavailable
+from . import limits
+from .errors import (
+    APIError, SERVER_ERROR, bad_request, internal, not_found, rate_limited, unavailable,
+)
 from .prompt import TokenText
 
 log = logging.getLogger("exolaunch.api")
@@ -167,6 +173,7 @@ class Serving:
         self._engine = engine
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exolaunch-tokenize")
         self._token_text: TokenText | None = None
+        self._vocab: int | None = None
 
     @staticmethod
     def of(request: Request) -> "Serving":
@@ -209,6 +216,26 @@ class Serving:
             self._token_text = TokenText(self.tokenizer)
         return self._token_text
 
+    @property
+    def vocab_size(self) -> int | None:
+        """Token ids a prompt may use and the width of the logits a sampler sees: the smaller
+        of the tokenizer's size and the model's vocab_size (None if neither is known)."""
+        if self._vocab is None:
+            sizes = []
+            try:
+                sizes.append(len(getattr(self.tokenizer, "_tokenizer", self.tokenizer)))
+            except TypeError:
+                pass
+            try:
+                config = read_config(self.model_path) if self.model_path else {}
+            except (OSError, ValueError):
+                config = {}
+            v = config.get("vocab_size") or (config.get("text_config") or {}).get("vocab_size")
+            if isinstance(v, int) and v > 0:
+                sizes.append(v)
+            self._vocab = min(sizes) if sizes else 0
+        return self._vocab or None
+
     def model_aliases(self) -> set[str]:
         mid = self.model_id
         base = mid.rstrip("/").rsplit("/", 1)[-1]
@@ -246,6 +273,9 @@ class Serving:
             return "loading", "the model is still loading on the ranks"
         return "ready", ""
 
+    def load(self) -> tuple[int, int]:
+        return self._engine.load()
+
     def check_serving(self) -> None:
         status, why = self.state()
         if status == "failed":
@@ -260,8 +290,15 @@ class Serving:
 
     # --- submit ------------------------------------------------------------------------------
     async def submit(self, jobs: list[tuple[list[int], SamplingParams]], request_id: str,
-                     prompt_param: str = "prompt") -> Generation:
+                     prompt_param: str = "prompt", names: dict[str, str] | None = None
+                     ) -> Generation:
+        """One engine request per (prompt tokens, params) job. `names` maps the sampling
+        fields (temperature, top_p, top_k, seed, stop, max_tokens, top_logprobs) to the
+        dialect's own, for the 400 a bad value gets."""
         self.check_serving()
+        limits.check_sequences(len(jobs), 1, prompt_param)
+        jobs = [(tokens, limits.checked(params, self.vocab_size, names or {}))
+                for tokens, params in jobs]
         loop = asyncio.get_running_loop()
         handles: list[RequestHandle] = []
         try:
@@ -275,6 +312,8 @@ class Serving:
             if isinstance(e, PromptTooLong):
                 raise APIError(400, str(e), "invalid_request_error", prompt_param,
                                "context_length_exceeded") from None
+            if isinstance(e, QueueFull):
+                raise rate_limited(str(e), e.retry_after) from None
             if isinstance(e, EngineFailed):
                 raise engine_failed(str(e)) from None
             if isinstance(e, ValueError):

@@ -17,13 +17,19 @@ always loaded), prompt_eval = submitted -> first token (queueing + prefill), eva
 the same counters. An error before the stream starts is an HTTP status with {"error": "..."};
 a failure mid-stream is one more line {"error": "..."}, then the stream ends.
 
-Options (`options`): temperature (>= 0, default 0.8; 0 = greedy), top_p (0..1, default 0.9;
-0 = greedy), top_k (default 40; <= 0 = off), seed (-1 = random), num_predict (>= 1; -1, -2 or
-absent: up to the rest of the context window), stop (list of strings, or one string), num_ctx
-(the context window for this request, at most the model's: num_predict is capped to num_ctx
-minus the prompt, which then ends with done_reason "length"; a prompt that alone fills num_ctx,
-or the model's context, is a 400: prompts are never silently truncated). Other Ollama options
-(repeat_penalty, num_gpu, mirostat, ...) are accepted and ignored.
+Options (`options`): temperature (0..100, default 0.8; 0 = greedy, else at least 1e-6), top_p
+(0..1, default 0.9; 0 = greedy), top_k (default 40; <= 0 or >= the vocabulary = off), seed (-1
+= random), num_predict (>= 1; -1, -2 or absent: up to the rest of the context window), stop
+(list of up to 16 strings of at most 256 characters, or one string), num_ctx (the context
+window for this request, at most the model's: num_predict is capped to num_ctx minus the
+prompt, which then ends with done_reason "length"; a prompt that alone fills num_ctx, or the
+model's context, is a 400: prompts are never silently truncated). min_p, typical_p,
+repeat_penalty, presence_penalty, frequency_penalty and repeat_last_n are checked (finite, in
+range) and ignored, like Ollama's other options (num_gpu, mirostat, ...). NaN and infinities
+are a 400. The limits are runtime/api/limits.py.
+
+A body is JSON whatever its Content-Type says (runtime/api/body.py, AnyJSONRoute), as in
+Ollama: `curl URL -d '{...}'` sends application/x-www-form-urlencoded.
 
 format: "json" (a JSON object: constrain.json_object()) or a JSON schema
 object (constrain.json_schema), enforced by constrained decoding; a schema the grammar engine
@@ -70,10 +76,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import constrain
 from ..requests import FinishEvent, SamplingParams, TokenEvent
+from . import limits
 from . import tools as toolkit
+from .body import AnyJSONRoute
 from .core import (
-    checked_grammar, reply, request_grammar, sampling, seed_for, split_events, stop_or_length,
-    stop_strings, token_logprob,
+    Seed, StopList, StopString, checked_grammar, reply, request_grammar, sampling, seed_for,
+    split_events, stop_or_length, stop_strings, token_logprob,
 )
 from .errors import APIError, bad_request, register_error_format
 from .generation import Generation, Serving, new_id
@@ -81,12 +89,15 @@ from .ollama_models import listed_name, resolve
 from .prompt import check_token_ids, encode_text, flatten_content, normalize_messages, render_chat
 from .sse import EventStreamResponse, dumps
 
-router = APIRouter()
+router = APIRouter(route_class=AnyJSONRoute)
 
 NDJSON = "application/x-ndjson"
 DEFAULT_TEMPERATURE = 0.8  # Ollama's defaults when the Modelfile sets none
 DEFAULT_TOP_P = 0.9
 DEFAULT_TOP_K = 40
+OPTION_NAMES = {"temperature": "options.temperature", "top_p": "options.top_p",
+                "top_k": "options.top_k", "seed": "options.seed", "stop": "options.stop",
+                "max_tokens": "options.num_predict"}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -107,23 +118,52 @@ register_error_format("/api", _render)
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+
+
+class Options(_Body):
+    """The options a request may set (Ollama's types: an integral float is an integer)."""
+
+    temperature: float | None = Field(None, ge=0, le=limits.MAX_TEMPERATURE)
+    top_p: float | None = Field(None, ge=0, le=1)
+    top_k: int | None = None  # <= 0: off
+    seed: Seed | None = None  # -1: random
+    num_predict: int | None = None  # -1, -2: up to the context
+    num_ctx: int | None = Field(None, ge=1)
+    stop: StopString | StopList | None = None
+    tool_choice: str | dict[str, Any] | None = None  # exolaunch extension
+    # checked, not applied
+    min_p: float | None = Field(None, ge=0, le=1)
+    typical_p: float | None = Field(None, ge=0, le=1)
+    repeat_penalty: float | None = Field(None, ge=0)
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repeat_last_n: int | None = Field(None, ge=-1)
 
 
 class _Gen(_Body):
     model: str | None = None
     format: str | dict[str, Any] | None = None
-    options: dict[str, Any] | None = None
+    options: Options | None = None
     stream: bool | None = True
     keep_alive: float | int | str | None = None
     think: bool | str | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
     tool_choice: str | dict[str, Any] | None = None  # exolaunch extension
 
 
+class Message(_Body):
+    role: str
+    content: str | list[Any] | None = None
+    images: list[Any] | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_name: str | None = None
+    tool_call_id: str | None = None
+
+
 class ChatBody(_Gen):
-    messages: list[dict[str, Any]] | None = None
+    messages: list[Message] | None = None
     tools: list[dict[str, Any]] | None = None
 
 
@@ -146,38 +186,12 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _num(options: dict, key: str, kind: type, lo: float | None = None,
-         hi: float | None = None) -> Any:
-    v = options.get(key)
-    if v is None:
-        return None
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool)
-    if kind is int:
-        if isinstance(v, float) and ok and v.is_integer():
-            v = int(v)
-        ok = ok and isinstance(v, int)
-    if not ok:
-        typ = "integer" if kind is int else "number"
-        raise bad_request(f'option "{key}" must be of type {typ}', f"options.{key}")
-    if (lo is not None and v < lo) or (hi is not None and v > hi):
-        rng = f"between {lo} and {hi}" if hi is not None else f">= {lo}"
-        raise bad_request(f'option "{key}" must be {rng} (got {v})', f"options.{key}")
-    return v
-
-
 def _params(serving: Serving, body: _Gen, prompt_len: int, grammar: dict | None) -> SamplingParams:
-    o = body.options or {}
-    if not isinstance(o, dict):
-        raise bad_request("options: must be an object", "options")
-    temperature = _num(o, "temperature", float, 0)
-    top_p = _num(o, "top_p", float, 0, 1)
-    top_k = _num(o, "top_k", int)
-    seed = _num(o, "seed", int)
-    num_predict = _num(o, "num_predict", int)
-    num_ctx = _num(o, "num_ctx", int, 1)
-    temperature, top_p = sampling(temperature, top_p, default_temperature=DEFAULT_TEMPERATURE,
+    o = body.options or Options()
+    num_predict, num_ctx, seed = o.num_predict, o.num_ctx, o.seed
+    temperature, top_p = sampling(o.temperature, o.top_p, default_temperature=DEFAULT_TEMPERATURE,
                                   default_top_p=DEFAULT_TOP_P)
-    top_k = DEFAULT_TOP_K if top_k is None else max(0, top_k)
+    top_k = DEFAULT_TOP_K if o.top_k is None else max(0, o.top_k)
     model_ctx = serving.context_length
     ctx = model_ctx if num_ctx is None else min(num_ctx, model_ctx)
     room = ctx - prompt_len
@@ -198,7 +212,7 @@ def _params(serving: Serving, body: _Gen, prompt_len: int, grammar: dict | None)
     return SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed_for(None if seed == -1 else seed),
-        stop=stop_strings(o.get("stop"), "options.stop", 'option "stop"'),
+        stop=stop_strings(o.stop, "options.stop"),
         logprobs=want_lp, top_logprobs=(body.top_logprobs or 0) if want_lp else 0,
         grammar=grammar,
     )
@@ -359,8 +373,8 @@ def _tool_setup(body: ChatBody) -> toolkit.ToolSetup:
     names = [t.name for t in tools]
 
     tc = body.tool_choice
-    if tc is None and isinstance(body.options, dict):
-        tc = body.options.get("tool_choice")
+    if tc is None and body.options is not None:
+        tc = body.options.tool_choice
     if tc is None or tc == "auto":
         choice: Any = "auto"
     elif tc in ("none", "required"):
@@ -393,10 +407,9 @@ def _chat_messages(body: ChatBody) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     open_calls: list[Any] = []  # calls of the latest assistant turn not answered yet
     n_calls = 0
-    for i, m in enumerate(body.messages or []):
+    for i, message in enumerate(body.messages or []):
         where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise bad_request(f"{where}: must be an object", where)
+        m = message.model_dump()
         role = m.get("role")
         if not isinstance(role, str) or not role:
             raise bad_request(f"{where}.role: required", f"{where}.role")
@@ -472,9 +485,11 @@ async def chat(request: Request, body: ChatBody):
     kw: dict[str, Any] = {}
     if setup.active:
         kw["tools"] = toolkit.template_tools(setup.tools)
-    tokens = await serving.run_sync(render_chat, tok, messages, **kw)
+    tokens = await serving.run_sync(render_chat, tok, messages,
+                                    context_length=serving.context_length, **kw)
     params = _params(serving, body, len(tokens), grammar)
-    gen = await serving.submit([(tokens, params)], new_id("ollama-chat"), prompt_param="messages")
+    gen = await serving.submit([(tokens, params)], new_id("ollama-chat"), prompt_param="messages",
+                               names=OPTION_NAMES)
     clock.submitted = time.perf_counter_ns()
 
     def message(content: str, calls: list[dict]) -> dict[str, Any]:
@@ -494,18 +509,18 @@ async def chat(request: Request, body: ChatBody):
 
 
 def _generate_tokens(serving: Serving, body: GenerateBody) -> list[int]:
-    tok = serving.tokenizer
+    tok, n_ctx = serving.tokenizer, serving.context_length
     prompt = body.prompt or ""
     if body.raw:
-        ids = [int(t) for t in tok.encode(prompt)] if prompt else []
+        ids = encode_text(tok, prompt, context_length=n_ctx) if prompt else []
     else:
         messages = []
         if body.system:
             messages.append({"role": "system", "content": body.system})
         messages.append({"role": "user", "content": prompt})
-        ids = render_chat(tok, messages, param="prompt")
+        ids = render_chat(tok, messages, param="prompt", context_length=n_ctx)
     if body.context:
-        ctx = check_token_ids(tok, list(body.context), param="context")
+        ctx = check_token_ids(list(body.context), serving.vocab_size, param="context")
         if body.raw or not ids:
             ids = ctx + ids
         else:  # the template may start with BOS again: keep one
@@ -514,7 +529,7 @@ def _generate_tokens(serving: Serving, body: GenerateBody) -> list[int]:
                 ids = ids[1:]
             ids = ctx + ids
     if not ids:
-        ids = encode_text(tok, prompt)
+        ids = encode_text(tok, prompt, context_length=n_ctx)
     return ids
 
 
@@ -536,7 +551,8 @@ async def generate(request: Request, body: GenerateBody):
     grammar = await serving.run_sync(_grammar, serving.tokenizer, body.format, toolkit.ToolSetup())
     tokens = await serving.run_sync(_generate_tokens, serving, body)
     params = _params(serving, body, len(tokens), grammar)
-    gen = await serving.submit([(tokens, params)], new_id("ollama-gen"), prompt_param="prompt")
+    gen = await serving.submit([(tokens, params)], new_id("ollama-gen"), prompt_param="prompt",
+                               names=OPTION_NAMES)
     clock.submitted = time.perf_counter_ns()
     answer = _Answer(serving, gen, clock, model, tokens, params,
                      toolkit.Splitter(serving.tokenizer, toolkit.ToolSetup()), "response",

@@ -28,10 +28,11 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict
 
 from ..model_info import ModelFacts, chat_template, eos_strings, human_count, model_facts
+from .body import AnyJSONRoute
 from .errors import APIError, bad_request, not_found
 from .generation import Serving
 
-router = APIRouter()
+router = APIRouter(route_class=AnyJSONRoute)
 
 VERSION = "0.12.0"
 EXPIRES_AT = "2318-08-15T00:00:00Z"  # "never" (Ollama shows keep_alive -1 the same way)

@@ -4,12 +4,16 @@ Wire request -> token ids (chat template / tokenizer) + SamplingParams -> `Servi
 (one engine request per choice) -> events -> OpenAI JSON or SSE chunks.
 
 Parameters: model, messages / prompt, max_tokens, max_completion_tokens (chat; wins over
-max_tokens), temperature (0..2, default 1; 0 = greedy), top_p (0..1; 0 = greedy), top_k
-(extension), ignore_eos (extension), seed (choice i gets seed+i), stop (string or list of up to 16), n (1..16), stream,
-stream_options.include_usage, logprobs + top_logprobs (chat: bool + 0..20), logprobs (completions:
-int 0..20), echo (completions, without logprobs). Without max_tokens a request may use the rest
-of the context. Unknown fields are accepted and ignored (presence/frequency penalties, user,
-logit_bias, ...).
+max_tokens), temperature (0..2, default 1; 0 = greedy, else at least 1e-6), top_p (0..1; 0 =
+greedy), top_k (extension; >= the vocabulary means off), ignore_eos (extension), seed (an
+int64 or uint64; choice i gets seed+i), stop (a string or a list of up to 16, each at most 256
+characters), n (1..16), stream, stream_options.include_usage, logprobs + top_logprobs (chat:
+bool + 0..20), logprobs (completions: int 0..20), echo (completions, without logprobs).
+Completions: at most 128 sequences (prompts x n) per request. Without max_tokens a request
+may use the rest of the context. presence_penalty / frequency_penalty (-2..2), logit_bias
+(token ids of the vocabulary: -100..100), min_p (0..1) and repetition_penalty (> 0) are
+checked and ignored; unknown fields are accepted and ignored (user, ...). The limits are
+runtime/api/limits.py.
 
 Tools (chat): `tools` (function tools), `tool_choice` ("auto" default with tools, "none",
 "required", {"type": "function", "function": {"name": ...}}). Tools go to the chat template;
@@ -37,9 +41,11 @@ from pydantic import Field
 
 from .. import constrain
 from ..requests import FinishEvent, SamplingParams, TokenEvent
+from . import limits
+from .body import JSONRoute
 from .core import (
-    StrictBody, finite, max_tokens_or_rest, reply, request_grammar, sampling, seed_for,
-    split_events, stop_or_length, stop_strings, token_logprob,
+    Seed, StopList, StopString, StrictBody, finite, max_tokens_or_rest, reply, request_grammar,
+    sampling, seed_for, split_events, stop_or_length, stop_strings, token_logprob,
 )
 from .errors import bad_request
 from .generation import Collected, Generation, Serving, new_id
@@ -50,7 +56,7 @@ from .tools import (
     template_tools,
 )
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,13 +82,16 @@ class _Common(StrictBody):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0)
-    n: int | None = Field(None, ge=1, le=16)
-    seed: int | None = None
-    stop: str | list[str] | None = None
+    n: int | None = Field(None, ge=1, le=limits.MAX_CHOICES)
+    seed: Seed | None = None
+    stop: StopString | StopList | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
     frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
+    logit_bias: dict[str, float] | None = None  # accepted (checked), not applied
+    min_p: float | None = Field(None, ge=0, le=1)  # extension: accepted, not applied
+    repetition_penalty: float | None = Field(None, gt=0)  # extension: accepted, not applied
     user: str | None = None
     ignore_eos: bool | None = False  # extension (vLLM's): always generate max_tokens
 
@@ -91,7 +100,7 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -100,10 +109,10 @@ class ChatCompletionRequest(_Common):
 
 class CompletionRequest(_Common):
     prompt: str | list[str] | list[int] | list[list[int]]
-    logprobs: int | None = Field(None, ge=0, le=20)
+    logprobs: int | None = Field(None, ge=0, le=limits.MAX_TOP_LOGPROBS)
     echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=16)
+    best_of: int | None = Field(None, ge=1, le=limits.MAX_CHOICES)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -113,6 +122,7 @@ class CompletionRequest(_Common):
 
 def _params(serving: Serving, body: _Common, max_tokens: int | None, prompt_len: int,
             logprobs: bool, top_logprobs: int, grammar: dict | None = None) -> list[SamplingParams]:
+    limits.check_logit_bias(body.logit_bias, serving.vocab_size)
     temperature, top_p = sampling(body.temperature, body.top_p)
     max_tokens = max_tokens_or_rest(max_tokens, prompt_len, serving)
     stops = stop_strings(body.stop, "stop")
@@ -228,14 +238,18 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
                           "(\"required\" or a named function)", "response_format")
     grammar = await serving.run_sync(request_grammar, tok, setup, fmt, "response_format")
     tokens = await serving.run_sync(render_chat, tok, messages,
-                                    tools=template_tools(tools) if tools else None)
+                                    tools=template_tools(tools) if tools else None,
+                                    context_length=serving.context_length)
     want_lp = bool(body.logprobs)
     k = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
     params = _params(serving, body, max_tokens, len(tokens), want_lp, k, grammar=grammar)
     rid = new_id("chatcmpl")
-    gen = await serving.submit([(tokens, p) for p in params], rid, prompt_param="messages")
+    gen = await serving.submit([(tokens, p) for p in params], rid, prompt_param="messages",
+                               names={"max_tokens": "max_completion_tokens"
+                                      if body.max_completion_tokens is not None
+                                      else "max_tokens"})
     created = int(time.time())
     n = len(params)
     chunk, include_usage = _chunker(rid, "chat.completion.chunk", created, model, body)
@@ -318,18 +332,26 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
 # ------------------------------------------------------------------------------------------------
 
 
+def _prompt_count(prompt: Any) -> int:
+    """How many prompts: a string or a list of token ids is one."""
+    if isinstance(prompt, str) or all(isinstance(p, int) for p in prompt):
+        return 1
+    return len(prompt)
+
+
 def _prompts(serving: Serving, prompt: Any) -> list[tuple[list[int], str | None]]:
     """Each prompt as token ids, with its text when given as text (for echo)."""
-    tok = serving.tokenizer
+    tok, ctx, vocab = serving.tokenizer, serving.context_length, serving.vocab_size
     if isinstance(prompt, str):
-        return [(encode_text(tok, prompt), prompt)]
+        return [(encode_text(tok, prompt, context_length=ctx), prompt)]
     if not prompt:
         raise bad_request("prompt: must not be empty", "prompt")
     if all(isinstance(p, str) for p in prompt):
-        return [(encode_text(tok, p, param=f"prompt[{i}]"), p) for i, p in enumerate(prompt)]
+        return [(encode_text(tok, p, param=f"prompt[{i}]", context_length=ctx), p)
+                for i, p in enumerate(prompt)]
     if all(isinstance(p, int) for p in prompt):
-        return [(check_token_ids(tok, list(prompt)), None)]
-    return [(check_token_ids(tok, list(p), param=f"prompt[{i}]"), None)
+        return [(check_token_ids(list(prompt), vocab), None)]
+    return [(check_token_ids(list(p), vocab, param=f"prompt[{i}]"), None)
             for i, p in enumerate(prompt)]
 
 
@@ -359,10 +381,11 @@ async def completions(request: Request, body: CompletionRequest):
         raise bad_request("best_of: only best_of == n is supported", "best_of")
     if body.echo and body.logprobs is not None:
         raise bad_request("echo with logprobs is not supported (no prompt logprobs)", "echo")
+    n = body.n or 1
+    limits.check_sequences(_prompt_count(body.prompt), n)  # before tokenizing any of them
     prompts = await serving.run_sync(_prompts, serving, body.prompt)
     want_lp = body.logprobs is not None
     k = body.logprobs or 0
-    n = body.n or 1
     jobs = []
     for tokens, _ in prompts:
         for p in _params(serving, body, body.max_tokens, len(tokens), want_lp, k):
@@ -374,7 +397,8 @@ async def completions(request: Request, body: CompletionRequest):
     else:
         echoes = ["" for _ in prompts]
     rid = new_id("cmpl")
-    gen = await serving.submit(jobs, rid, prompt_param="prompt")
+    gen = await serving.submit(jobs, rid, prompt_param="prompt",
+                               names={"top_logprobs": "logprobs"})
     created = int(time.time())
     chunk, include_usage = _chunker(rid, "text_completion", created, model, body)
     lps = _CompletionLogprobs(serving, k)

@@ -6,6 +6,10 @@ Chat messages are plain dicts `{"role", "content", ...}` (extra keys such as `to
 of parts; text parts are concatenated (no separator: OpenAI's semantics, and what the demo
 models' template does) so templates that only understand strings still work. Any non-text part
 is a 400. The role "developer" (newer OpenAI clients) is given to the template as "system".
+
+Given `context_length`, text that cannot fit that context at any natural density is refused
+(400) before the tokenizer sees it (runtime/api/limits.py, CHARS_PER_TOKEN): tokenization runs
+on one thread for every request, and 8 MB of text would hold it for seconds.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import re
 from typing import Any, Iterable
 
 from .errors import bad_request
+from .limits import check_prompt_chars
 
 _ROLE_ALIASES = {"developer": "system"}
 
@@ -111,8 +116,41 @@ def _plain_transcript(messages: list[dict], tools: list[dict] | None) -> str:
     return "".join(parts)
 
 
+def text_chars(value: Any) -> int:
+    """Characters in every string inside `value` (messages, tools: what a template renders)."""
+    total, stack = 0, [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            total += len(v)
+        elif isinstance(v, dict):
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return total
+
+
+def _bounded(chars: int, context_length: int | None, param: str) -> None:
+    if context_length:
+        check_prompt_chars(chars, context_length, param)
+
+
+def _encode(tokenizer, text: str, param: str, special_tokens: bool = True) -> list[int]:
+    try:
+        if special_tokens:
+            return [int(t) for t in tokenizer.encode(text)]
+        try:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        except TypeError:  # tokenizers whose encode takes no such flag
+            ids = tokenizer.encode(text)
+        return [int(t) for t in ids]
+    except (TypeError, UnicodeError) as e:  # e.g. a lone surrogate, should one get this far
+        raise bad_request(f"{param}: this text cannot be tokenized ({e})", param) from None
+
+
 def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = None,
-                param: str = "messages", **template_kwargs: Any) -> list[int]:
+                param: str = "messages", context_length: int | None = None,
+                **template_kwargs: Any) -> list[int]:
     """Token ids of `messages` through the model's chat template, with the generation prompt.
 
     `tools` (OpenAI function-format dicts, see runtime/api/tools.template_tools) go to the
@@ -125,6 +163,7 @@ def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = N
     """
     if not messages:
         raise bad_request(f"{param}: at least one message is required", param)
+    _bounded(text_chars(messages) + text_chars(tools), context_length, param)
     messages = [_template_message(m) for m in messages]
     if not getattr(tokenizer, "has_chat_template", getattr(tokenizer, "chat_template", None)):
         return encode_text(tokenizer, _plain_transcript(messages, tools) + "assistant:", param=param)
@@ -138,8 +177,12 @@ def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = N
     return _as_ids(out)
 
 
-def encode_text(tokenizer, text: str, *, param: str = "prompt") -> list[int]:
-    ids = [int(t) for t in tokenizer.encode(text)]
+def encode_text(tokenizer, text: str, *, param: str = "prompt",
+                context_length: int | None = None) -> list[int]:
+    """Token ids of a prompt as the tokenizer encodes it (BOS and the like added); an empty
+    result becomes [BOS], or a 400 without one."""
+    _bounded(len(text), context_length, param)
+    ids = _encode(tokenizer, text, param)
     if not ids:
         bos = getattr(tokenizer, "bos_token_id", None)
         if bos is None:
@@ -148,22 +191,21 @@ def encode_text(tokenizer, text: str, *, param: str = "prompt") -> list[int]:
     return ids
 
 
-def encode_continuation(tokenizer, text: str) -> list[int]:
+def encode_continuation(tokenizer, text: str, *, param: str = "prompt",
+                        context_length: int | None = None) -> list[int]:
     """Token ids of text that continues a prompt: no BOS or other special tokens added."""
-    try:
-        ids = tokenizer.encode(text, add_special_tokens=False)
-    except TypeError:  # tokenizers whose encode takes no such flag
-        ids = tokenizer.encode(text)
-    return [int(t) for t in ids]
+    _bounded(len(text), context_length, param)
+    return _encode(tokenizer, text, param, special_tokens=False)
 
 
-def check_token_ids(tokenizer, ids: list[int], *, param: str = "prompt") -> list[int]:
+def check_token_ids(ids: list[int], vocab: int | None, *, param: str = "prompt") -> list[int]:
+    """Token ids given by the client: none empty, each in the vocabulary."""
     if not ids:
         raise bad_request(f"{param}: the prompt is empty", param)
-    n = len(getattr(tokenizer, "_tokenizer", tokenizer))
-    bad = [t for t in ids if not 0 <= t < n]
+    bad = [t for t in ids if t < 0 or (vocab is not None and t >= vocab)]
     if bad:
-        raise bad_request(f"{param}: token id {bad[0]} is out of range (vocabulary: {n})", param)
+        raise bad_request(f"{param}: token id {bad[0]} is out of range (vocabulary: {vocab})",
+                          param)
     return ids
 
 

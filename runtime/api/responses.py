@@ -13,7 +13,8 @@ Request fields
     only), tool_choice ("auto" | "none" | "required" | {"type": "function", "name"}),
     text.format ({"type": "text"} | {"type": "json_object"} | {"type": "json_schema", "name",
     "schema", "strict"}: enforced by constrained decoding), parallel_tool_calls (echoed),
-    stream, plus the extensions top_k and seed. Unknown fields are accepted and ignored.
+    stream, plus the extensions top_k (>= the vocabulary means off) and seed (an int64 or
+    uint64). Unknown fields are accepted and ignored. The limits are runtime/api/limits.py.
 
 Decisions where the spec is silent or this server differs
 - Nothing is stored: `store` is accepted but every response says `"store": false`;
@@ -56,15 +57,17 @@ from pydantic import Field
 from .. import constrain
 from ..requests import FinishEvent, SamplingParams
 from . import tools as toolkit
+from .body import JSONRoute
 from .core import (
-    StrictBody, max_tokens_or_rest, reply, request_grammar, sampling, seed_for, split_events,
+    Seed, StrictBody, max_tokens_or_rest, reply, request_grammar, sampling, seed_for,
+    split_events,
 )
 from .errors import APIError, bad_request, not_found
 from .generation import Serving
 from .prompt import flatten_content, normalize_messages, render_chat
 from .sse import sse_event
 
-router = APIRouter()
+router = APIRouter(route_class=JSONRoute)
 
 _ROLES = ("user", "system", "developer", "assistant")
 
@@ -90,7 +93,7 @@ class ResponsesRequest(StrictBody):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=0)  # extension
-    seed: int | None = None  # extension
+    seed: Seed | None = None  # extension
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -453,7 +456,8 @@ async def create_response(request: Request, body: ResponsesRequest):
     template_kw: dict[str, Any] = {}
     if setup.tools:  # also with "none": the conversation may speak of them
         template_kw["tools"] = toolkit.template_tools(setup.tools)
-    tokens = await serving.run_sync(render_chat, tok, messages, param="input", **template_kw)
+    tokens = await serving.run_sync(render_chat, tok, messages, param="input",
+                                    context_length=serving.context_length, **template_kw)
 
     temperature, top_p = sampling(body.temperature, body.top_p)
     params = SamplingParams(max_tokens=max_tokens_or_rest(body.max_output_tokens, len(tokens),
@@ -461,7 +465,8 @@ async def create_response(request: Request, body: ResponsesRequest):
                             temperature=temperature, top_p=top_p, top_k=body.top_k or 0,
                             seed=seed_for(body.seed), grammar=grammar)
     rid = _id("resp")
-    gen = await serving.submit([(tokens, params)], rid, prompt_param="input")
+    gen = await serving.submit([(tokens, params)], rid, prompt_param="input",
+                               names={"max_tokens": "max_output_tokens"})
     ctx = _Ctx(rid=rid, created=int(time.time()), model=model, body=body, tools=setup, fmt=fmt,
                prompt_tokens=len(tokens))
     streaming = _EventWriter(ctx)

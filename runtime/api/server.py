@@ -1,6 +1,7 @@
 """Run the API with uvicorn in a background thread (rank 0's main thread owns the signals).
 
-    server = start_server(engine, host, port, api_key)   a daemon thread with its own event
+    server = start_server(engine, host, port, api_key, max_body_mb=8.0)
+                                                         a daemon thread with its own event
     server.port, server.url; server.stop()               loop; returns once it accepts
 
 The listening socket is bound before uvicorn starts, so a port in use raises OSError in the
@@ -23,6 +24,7 @@ import uvicorn
 
 from ..requests import Engine
 from .app import create_app
+from .limits import DEFAULT_MAX_BODY_MB
 
 log = logging.getLogger("exolaunch.api")
 
@@ -54,11 +56,13 @@ def _bind(host: str, port: int) -> socket.socket:
 class APIServer:
     def __init__(self, engine: Engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  api_key: str | None = None, *, app: Any = None, log_level: str = "warning",
-                 access_log: bool = False, graceful_timeout: float = 5.0):
+                 access_log: bool = False, graceful_timeout: float = 5.0,
+                 max_body_mb: float = DEFAULT_MAX_BODY_MB):
         self.engine = engine
         self.host = host
         self.port = port
-        self.app = app if app is not None else create_app(engine, api_key=api_key)
+        self.app = app if app is not None else create_app(engine, api_key=api_key,
+                                                          max_body_mb=max_body_mb)
         self.config = uvicorn.Config(
             self.app, host=host, port=port, log_level=log_level, access_log=access_log,
             log_config=None, lifespan="off", ws="none",
