@@ -15,7 +15,9 @@ Wire format, agent -> supervisor (one frame per line on stdout):
 kind: o / e = a complete stdout / stderr line, p / q = a partial line (no newline yet),
 c = a JSON control event. Supervisor -> agent (stdin, only in framed mode): a first line with the
 JSON spec, then `d <n>\\n<n bytes>` (data for the program's stdin), `eof` or `sig <n>`.
-Under mpirun (--mpi) the spec comes from --spec and stdin is the program's raw stdin.
+Under mpirun (`--mpi NAME`) the spec is in the environment variable NAME (base64 JSON, forwarded
+by mpirun's `-x NAME`, so no value is on any command line; it is kept out of the program's
+environment) and stdin is the program's raw stdin.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import time
 from runtime.contract import ENV_CONTROL_FD
 
 FRAME = b"\x1e"
+MPI_SPEC_ENV = "EXOLAUNCH_AGENT_SPEC_"  # + app context number: a host's spec under mpirun
 PARTIAL_FLUSH_S = 0.15  # emit an unterminated line (a prompt) after this much quiet
 
 
@@ -137,7 +140,7 @@ class Agent:
     def start(self) -> bool:
         spec = self.spec
         self.tmpdir, file_env = _write_files(spec.get("files", {}))
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_SPEC_ENV)}
         env.update(spec.get("env", {}))
         env.update(file_env)
         ctl_r, ctl_w = os.pipe()
@@ -331,9 +334,11 @@ class Agent:
                 pass
 
 
-def _mpi_spec(encoded: str) -> dict:
+def _mpi_spec(name: str) -> dict:
     """Under mpirun one spec covers a host; pick this rank's entry from the MPI env."""
-    host_spec = json.loads(base64.b64decode(encoded))
+    if not name.startswith(MPI_SPEC_ENV) or name not in os.environ:
+        raise SystemExit(f"exolaunch agent: --mpi {name}: no such spec variable in the environment")
+    host_spec = json.loads(base64.b64decode(os.environ[name]))
     rank = None
     for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
         if var in os.environ:
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
     framed = True
     if argv[:1] == ["--mpi"]:
         framed = False
-        spec = _mpi_spec(argv[2] if argv[1:2] == ["--spec"] else argv[1])
+        spec = _mpi_spec(argv[1] if len(argv) > 1 else "")
     else:
         # Read the spec line straight from fd 0: a buffered reader would swallow the frames
         # that follow it.

@@ -176,6 +176,27 @@ for ip, port in P.get("ports") or []:
         s.close()
     ports.append(entry)
 R["ports"] = ports
+# a data-plane port is taken: find ports free here instead (as many, consecutive) to suggest
+D = R["data"] = P.get("data")
+if D and any(e["status"] != "free" and D["lo"] <= e["port"] <= D["hi"] for e in ports):
+    ips = sorted({e["ip"] for e in ports if D["lo"] <= e["port"] <= D["hi"]})
+    def bindable(ip, port):
+        s = socket.socket(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((ip, port))
+            return True
+        except OSError:
+            return False
+        finally:
+            s.close()
+    width, first = D["hi"] - D["lo"] + 1, D["hi"] + 1
+    while first + width <= 65536:
+        taken = [q for q in range(first, first + width) if not all(bindable(ip, q) for ip in ips)]
+        if not taken:
+            R["free_run"] = {"first": first, "last": first + width - 1, "data_port": first + D["data_port"] - D["lo"]}
+            break
+        first = taken[-1] + 1
 # backend needs
 backend = P.get("backend")
 if backend in ("jaccl", "jaccl-ring") and sys.platform == "darwin":
@@ -407,7 +428,8 @@ def needed_ports(spec, *, data_port: int, control: bool = False) -> dict[str, li
         out.setdefault(ranks[0].host.name, []).append((ranks[0].host.ips[0], data_port))
     if control and ranks:
         h = ranks[0].host
-        out.setdefault(h.name, []).append(contract.control_address(h.ips, data_port))
+        out.setdefault(h.name, []).append(contract.control_address(
+            h.ips, data_port, all_local=all(r.host.is_local for r in ranks)))
     return out
 
 
@@ -434,6 +456,10 @@ def run_checks(hostfile: Hostfile, topology=None, *, backend: str | None = None,
         if r.host.name not in [h.name for h in hosts]:
             hosts.append(r.host)
     want = needed_ports(spec, data_port=spec.hostfile.port, control=control)
+    span = [p for pairs in want.values() for _, p in pairs]
+    # The data-plane ports and the control port below them: what a suggested --data-port must free.
+    data = ({"lo": min(span + [spec.hostfile.port - 1]), "hi": max(span), "data_port": spec.hostfile.port}
+            if span else None)
     for name, extra in (ports or {}).items():
         for p in extra:
             if isinstance(p, int):
@@ -456,7 +482,7 @@ def run_checks(hostfile: Hostfile, topology=None, *, backend: str | None = None,
 
     def one(h: Host) -> HostCheck:
         params = {"packages": list(PACKAGES), "backend": spec.backend, "ports": want.get(h.name, []),
-                  "env": {**hostfile.env, **h.env}, "cwd": h.cwd}
+                  "data": data, "env": {**hostfile.env, **h.env}, "cwd": h.cwd}
         return probe_host(h, host_python(h), params, sopts)
 
     with ThreadPoolExecutor(max_workers=min(32, max(1, len(hosts)))) as pool:
@@ -589,8 +615,15 @@ def judge(results: list[HostCheck], hosts: dict[str, Host], *, backend: str,
             if p["status"] == "in use":
                 held = f" by pid {p['pid']}" + (f" ({p['process']})" if p.get("process") else "") if p.get("pid") else ""
                 stop = f"kill {p['pid']}" if p.get("pid") else f"lsof -nP -iTCP:{p['port']} -sTCP:LISTEN, then stop that process"
-                add(r.name, f"port {where} is in use{held}",
-                    f"{stop}; or choose other ports with --port (exec) / --data-port (run)")
+                free, span = i.get("free_run"), i.get("data")
+                if span and not span["lo"] <= p["port"] <= span["hi"]:  # not a data-plane port: run's API port
+                    other = "choose another API port with --port (run)"
+                elif free:
+                    other = (f"ports {free['first']}-{free['last']} are free on {r.name}: --data-port "
+                             f"{free['data_port']} (run) / --port {free['data_port']} (exec, doctor)")
+                else:
+                    other = "choose other ports with --port (exec) / --data-port (run)"
+                add(r.name, f"port {where} is in use{held}", f"{stop}; or {other}")
             elif p["status"] == "no such address":
                 add(r.name, f"{p['ip']} is not an address of this host (port {p['port']} cannot be bound there)",
                     f"fix `ips:` for {r.name} in the hostfile ({'ifconfig' if mac else 'ip -brief addr'} on "

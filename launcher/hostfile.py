@@ -87,6 +87,7 @@ class Hostfile:
     backend: str | None = None
     env: dict[str, str] = field(default_factory=dict)
     port: int = DEFAULT_DATA_PORT
+    port_given: bool = False  # `port:` is in the file (else `run` may pick free ports on one host)
     ssh_config: str | None = None
     ssh_options: dict[str, str] = field(default_factory=dict)
 
@@ -288,7 +289,7 @@ def _load_yaml(label: str, text: str) -> Hostfile:
                             "paths are relative to the hostfile's directory; fix the path or remove ssh_config")
     ssh_options = _ssh_options(src, data["ssh_options"]) if data.get("ssh_options") is not None else {}
     return Hostfile(
-        path=label, format="yaml", hosts=hosts, backend=backend, env=env, port=port,
+        path=label, format="yaml", hosts=hosts, backend=backend, env=env, port=port, port_given="port" in data,
         ssh_config=ssh_config, ssh_options=ssh_options,
     )
 

@@ -77,7 +77,7 @@ class RankState:
 
 
 class Channel:
-    def __init__(self, name: str, argv: list[str], ranks: list[int], q: queue.Queue,
+    def __init__(self, name: str, argv: list[str], ranks: list[int], q: queue.SimpleQueue,
                  framed: bool, env: dict | None = None, first_line: bytes | None = None):
         self.name, self.ranks, self.framed = name, ranks, framed
         self.stderr_tail: list[str] = []
@@ -98,7 +98,7 @@ class Channel:
         threading.Thread(target=self._read, args=(self.proc.stdout, "line", q), daemon=True).start()
         threading.Thread(target=self._read, args=(self.proc.stderr, "stderr", q), daemon=True).start()
 
-    def _read(self, stream, kind: str, q: queue.Queue) -> None:
+    def _read(self, stream, kind: str, q: queue.SimpleQueue) -> None:
         for line in iter(stream.readline, b""):
             q.put((kind, self, line))
         q.put((kind + "-eof", self, None))
@@ -163,7 +163,10 @@ class Supervisor:
     def __init__(self, launch: LaunchSpec, opts: Options | None = None):
         self.launch = launch
         self.opts = opts or Options()
-        self.q: queue.Queue = queue.Queue()
+        # SimpleQueue: its put() is reentrant. The signal handlers below put into it from the main
+        # thread, which may be inside get() holding a Queue's lock: a Queue deadlocked there
+        # (exolaunch ignored every SIGTERM after that).
+        self.q: queue.SimpleQueue = queue.SimpleQueue()
         self.channels: list[Channel] = []
         self.ranks: dict[int, RankState] = {}
         self.failure: tuple[int, str] | None = None

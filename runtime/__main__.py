@@ -4,7 +4,8 @@
 
 Every rank joins the mx.distributed group and loads its shard; rank 0 also opens the control
 channel, serves the HTTP API and leads the engine; the others follow it. Set by the launcher:
-EXOLAUNCH_CONTROL (rank 0's ip:port for the control channel), EXOLAUNCH_API_KEY (optional).
+EXOLAUNCH_CONTROL (rank 0's ip:port for the control channel), EXOLAUNCH_JOB_SECRET (what every
+control connection proves), EXOLAUNCH_API_KEY (optional).
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def parse(argv):
                    help="requests waiting for a slot; beyond it the API answers 429")
     s.add_argument("--max-model-len", type=int, default=None,
                    help="prompt + output tokens per sequence (default: the model's context)")
+    s.add_argument("--max-body-mb", type=float, default=8.0,
+                   help="request bodies over this many MB get a 413 in the client's dialect")
     s.add_argument("--max-total-tokens", type=int, default=None,
                    help="KV budget: prompt + max_tokens summed over running sequences (default: "
                         "max-num-seqs full sequences)")
@@ -89,13 +92,20 @@ def serve(args) -> int:
     ctl_host, ctl_port = contract.parse_control(os.environ.get(contract.ENV_CONTROL))
 
     if rank != 0:
-        follower = control.Follower(ctl_host, ctl_port, rank, CONTROL_TIMEOUT)
+        try:
+            follower = control.Follower(ctl_host, ctl_port, rank, CONTROL_TIMEOUT)
+        except (ConnectionError, TimeoutError) as e:  # refused, or no rank 0: the launcher must act
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 1
         engine = Engine(model, tokenizer, **engine_kw)
         ready()
         try:
             engine.run_follower(follower.recv)
         except ConnectionError:
-            return 0 if engine.steps == 0 else 1  # rank 0 went away; the launcher says why
+            # Rank 0 went away without a stop decision: a failure, even before the first step.
+            # Reported a moment late, so that rank 0's own status (when it failed) comes first.
+            time.sleep(1.0)
+            return 1
         except Exception as e:
             follower.report_error(f"rank {rank}: {type(e).__name__}: {e}")
             raise
@@ -124,7 +134,8 @@ def serve(args) -> int:
     sys.setswitchinterval(float(os.environ.get(contract.ENV_SWITCH_INTERVAL, "0.0005")))
     leader = control.Leader(ctl_host, ctl_port, world) if world > 1 else None
     engine = Engine(model, tokenizer, control=leader, **engine_kw)
-    server = start(engine, args.host, args.port, api_key=os.environ.get(contract.ENV_API_KEY) or None)
+    server = start(engine, args.host, args.port, api_key=os.environ.get(contract.ENV_API_KEY) or None,
+                   max_body_mb=args.max_body_mb)
     if leader is not None:
         leader.on_peer_lost = lambda r, msg: engine.fail(
             msg.get("error") or f"rank {r} stopped: its process ended or its host is unreachable")

@@ -94,14 +94,21 @@ class ServingCluster:
 
     On exit: Ctrl-C (SIGINT), then check the exit status and that no rank is left."""
 
-    def __init__(self, model: str, *args: str, hostfile=None, cache=None, ready_timeout: float = 180):
+    def __init__(self, model: str, *args: str, hostfile=None, cache=None, ready_timeout: float = 180,
+                 env: dict | None = None, data_port: int | str | None = "free"):
+        """data_port: "free" (a free port picked here), None (no flag: run's own choice) or a port."""
         self.port = free_port()
         self.tok = token()
         g = ["--hostfile", str(hostfile)] if hostfile else []
-        env = env_for_tests(EXOLAUNCH_CACHE=str(cache)) if cache else env_for_tests()
+        env = env_for_tests(**(env or {}), **({"EXOLAUNCH_CACHE": str(cache)} if cache else {}))
+        if data_port == "free":
+            from launcher.ports import free_data_port
+
+            data_port = free_data_port(4)  # the control port below it and up to 4 ranks above are free
+        dp = ["--data-port", str(data_port)] if data_port is not None else []
         # The token rides along as an env var on every rank, so leftover ranks can be found.
         self.proc = subprocess.Popen(
-            exolaunch_argv(*g, "run", model, "--port", str(self.port), "--data-port", str(free_port() + 1),
+            exolaunch_argv(*g, "run", model, "--port", str(self.port), *dp,
                            "-x", "EXOLAUNCH_CACHE", "-x", f"EXOLAUNCH_TEST_TOKEN={self.tok}", *args),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env, cwd=ROOT)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"

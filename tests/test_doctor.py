@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -178,6 +179,9 @@ def test_port_in_use_is_reported(ssh_cluster, tmp_path):
     (line,) = _problem_lines(r.stdout)
     assert line.startswith(f"h2: port 127.0.0.3:{port + 1} is in use by pid {os.getpid()}"), line
     assert f"kill {os.getpid()}" in line and "--port" in line
+    # ...and which ports are free there instead: a --data-port that clears the busy one
+    first, last, data_port = map(int, re.search(r"ports (\d+)-(\d+) are free on h2: --data-port (\d+)", line).groups())
+    assert first > port + 1 and last - first == 2 and data_port == first + 1, line
 
 
 def test_bad_python_on_host(ssh_cluster, tmp_path):

@@ -8,6 +8,7 @@ backends beyond `LaunchSpec.backend == "mpi"` (ranks started by mpirun instead o
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import sys
 from dataclasses import dataclass, field
 
@@ -92,6 +93,7 @@ def plan_launch(
 
     world = len(ranks)
     common = dict(hostfile.env)
+    secret = secrets.token_hex(32)  # this job's: rank 0's control channel admits only who proves it
     specs = []
     for r in ranks:
         renv = {**common, **r.host.env, **(env or {})}
@@ -101,6 +103,7 @@ def plan_launch(
             contract.ENV_LOCAL_RANK: str(r.local_rank),
             contract.ENV_HOST: r.host.name,
             contract.ENV_BACKEND: backend,
+            contract.ENV_JOB_SECRET: secret,
         })
         specs.append(RankSpec(r.rank, r.host, r.local_rank, rank_argv(command, r.host), renv))
 

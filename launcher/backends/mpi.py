@@ -1,9 +1,11 @@
 """MPI backend: exolaunch runs mpirun, mpirun starts one agent per rank.
 
-Per-rank env and files travel inside the agent's --spec (base64 JSON in argv, never through a
-shell); mpirun only gets a hostfile, an MPMD app context per host (so each host keeps its own
-interpreter and working directory) and flags that OpenMPI 4 and 5 both accept. mlx.launch's
-`--output :raw` is exactly what OpenMPI 4 rejects, so it is not used.
+Per-rank env and files (API key, job secret, tokens) travel in mpirun's environment, one
+variable per host (base64 JSON) that `-x NAME` forwards: only names reach a command line, which
+every user sees in `ps`; the agent reads its variable and keeps it out of the rank's environment.
+mpirun gets a hostfile, an MPMD app context per host (so each host keeps its own interpreter and
+working directory) and flags that OpenMPI 4 and 5 both accept. mlx.launch's `--output :raw` is
+exactly what OpenMPI 4 rejects, so it is not used.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from launcher.agent import MPI_SPEC_ENV
 from launcher.errors import ConfigError
 
 
@@ -89,7 +92,7 @@ def hostfile_text(launch) -> str:
 
 
 def mpirun_command(launch, *, ssh_agent: list[str], workdir: Path, grace: float, heartbeat: float):
-    """(argv, extra env for mpirun itself)."""
+    """(argv, extra env for mpirun itself: the agents' specs, which argv only names)."""
     mpirun = find_mpirun()
     major = openmpi_major(mpirun)
     hf_path = workdir / "mpi-hostfile"
@@ -103,8 +106,8 @@ def mpirun_command(launch, *, ssh_agent: list[str], workdir: Path, grace: float,
     contexts: dict[str, list] = {}
     for s in launch.ranks:
         contexts.setdefault(s.host.name, []).append(s)
-    first = True
-    for specs in contexts.values():
+    env, apps = {}, []
+    for i, specs in enumerate(contexts.values()):
         host = specs[0].host
         spec = {
             "grace": grace,
@@ -112,13 +115,13 @@ def mpirun_command(launch, *, ssh_agent: list[str], workdir: Path, grace: float,
             "cwd": host.cwd,
             "ranks": {str(s.rank): {"argv": s.argv, "env": s.env, "files": s.files} for s in specs},
         }
-        encoded = base64.b64encode(json.dumps(spec).encode()).decode()
-        if not first:
-            argv.append(":")
-        first = False
-        argv += ["-np", str(len(specs)), "--host", f"{mpi_hostname(host)}:{len(specs)}"]
-        argv += [specs[0].python, "-m", "launcher.agent", "--mpi", "--spec", encoded]
-    env = {}
+        name = f"{MPI_SPEC_ENV}{i}"
+        env[name] = base64.b64encode(json.dumps(spec).encode()).decode()
+        # -x belongs to an app context in OpenMPI 4 (given before the first, it reaches only that one)
+        apps.append(["-np", str(len(specs)), "--host", f"{mpi_hostname(host)}:{len(specs)}", "-x", name,
+                     specs[0].python, "-m", "launcher.agent", "--mpi", name])
+    for i, app in enumerate(apps):
+        argv += [":", *app] if i else app
     if os.geteuid() == 0:  # OpenMPI refuses root without both of these (containers, CI)
         env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
     return argv, env
