@@ -3,6 +3,7 @@
 A card comes from one of:
   - configs/models.yaml, by short name (`kimi-k2`) or by its Hugging Face repo id
   - a demo model (`demo-llama`, `demo-kimi:tiny`): derived from runtime.demo_models.model_config
+  - a .gguf file: imported once into the model cache (runtime.gguf), then derived from that directory
   - a local mlx-lm directory, or an HF repo id already in the local Hugging Face cache:
     derived from config.json (+ model.safetensors.index.json for the bytes on disk)
 
@@ -161,6 +162,8 @@ class ModelCard:
             out["intermediate_size"] = self.intermediate_size
         if self.moe_intermediate_size:
             out["moe_intermediate_size"] = self.moe_intermediate_size
+        if self.bits < 16 and self.group_size:  # uneven splits cut MLP columns in whole groups
+            out["quantization"] = {"bits": self.bits, "group_size": self.group_size}
         return out
 
 
@@ -414,6 +417,13 @@ def resolve_card(model: str | ModelCard, catalogue: dict[str, ModelCard] | None 
             raise ConfigError(f"model {model!r}: {e}. Fix: use a size of {', '.join(demo_models.SIZES)}.") from None
     if ref is not None and ref.kind == "dir":
         return card_from_dir(ref.path)
+    if ref is not None and ref.kind == "gguf":
+        from runtime.contract import ModelError, resolve_model
+
+        try:
+            return card_from_dir(resolve_model(model)[0], name=ref.name)
+        except ModelError as e:
+            raise ConfigError(str(e)) from None
     if ref is not None and ref.kind == "hub":
         local = _hf_cached_dir(model)
         if local is not None:

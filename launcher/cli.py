@@ -11,24 +11,29 @@ import os
 import sys
 import traceback
 
-import click
+import typer
 
 # Importing a subcommand module registers its commands, in this order in --help.
 from launcher import cli_run  # noqa: F401  exec, run
-from launcher import cli_plan, cli_doctor, cli_pull, cli_batch, cli_bench  # noqa: F401
+from launcher import cli_plan, cli_doctor, cli_pull, cli_import, cli_batch, cli_bench  # noqa: F401
 from launcher.cli_common import app
 from launcher.errors import ConfigError, LaunchError
+
+# typer < 0.29 raises click's exceptions; typer >= 0.29 raises those of its own vendored click
+# (typer._click), which click's classes do not catch. Both export BadParameter, a UsageError
+# whose ClickException base is what every usage error (unknown option or command) derives from.
+ClickException = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
         rv = app(args=argv, standalone_mode=False, prog_name="exolaunch")
-    except click.exceptions.Abort:
+    except typer.Abort:
         rv = 130
-    except click.ClickException as e:
+    except ClickException as e:  # a usage error: the usage line, the error, exit 2
         e.show()
         rv = e.exit_code
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         rv = e.exit_code
     except ConfigError as e:
         print(f"exolaunch: error: {e}", file=sys.stderr)

@@ -16,11 +16,12 @@ EXIT_FAILED = 1  # some host failed: the summary names it and why
 
 
 def _classify(model: str) -> tuple[str, str]:
-    """("dir", model) for demo models and local directories, ("hub", repo id) otherwise."""
+    """("dir", model) for demo models, local directories and GGUF files (imported here), ("hub",
+    repo id) otherwise."""
     from runtime.contract import classify_model
 
     ref = classify_model(model)
-    if ref is not None and ref.kind in ("demo", "dir"):
+    if ref is not None and ref.kind in ("demo", "dir", "gguf"):
         return "dir", model
     try:  # a catalogue name (`exolaunch models`) stands for its repo
         from launcher.catalogue import load_catalogue

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -100,17 +101,20 @@ def launch(spec, sopts: ssh.SshOptions, *, dry_run: bool, tag_output: bool, log_
 @app.command(
     "run",
     help="Serve MODEL from the cluster: load it sharded across the ranks, API on rank 0 "
-         "(OpenAI-compatible at /v1). MODEL: a demo model (demo-llama, demo-qwen3, demo-kimi), "
-         "a local mlx-lm directory or a Hugging Face repo id. Ctrl-C stops every rank.",
+         "(OpenAI-compatible at /v1). MODEL: smollm2 (a real instruct model, offline), a .gguf file, a demo "
+         "model (demo-llama, demo-qwen3, demo-kimi), a catalogue name, a local mlx-lm directory or a Hugging "
+         "Face repo id. Ctrl-C stops every rank.",
 )
 def run_(
     ctx: typer.Context,
-    model: str = typer.Argument("demo-llama", help="What to serve (default: the built-in demo model)."),
+    model: Optional[str] = typer.Argument(
+        None, help="What to serve (default: smollm2, SmolLM2-135M-Instruct from the `demo` extra; else demo-llama)."),
     sharding: Optional[str] = typer.Option(None, "--sharding", help="tensor or pipeline (default: the planner's choice)."),
     host: str = typer.Option(contract.DEFAULT_API_HOST, "--host", help="Address rank 0's API binds to."),
     port: int = typer.Option(contract.DEFAULT_API_PORT, "--port", help="API port on rank 0."),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar=contract.ENV_API_KEY,
-                                          help="Require `Authorization: Bearer KEY` (all but /health)."),
+                                          help="Require `Authorization: Bearer KEY` (all but /health). "
+                                               "Prefer the environment variable: `ps` shows command lines."),
     np: Optional[int] = typer.Option(None, "-n", "--np", help="Use the first N slots of the hostfile."),
     backend: Optional[str] = typer.Option(None, "--backend", help="ring | jaccl | jaccl-ring | mpi."),
     env: List[str] = typer.Option([], "-x", "--env", help="Forward VAR, or set VAR=value, on every rank."),
@@ -128,6 +132,8 @@ def run_(
                                      help="Sequences decoded at once; more requests wait in the queue."),
     max_queue: int = typer.Option(contract.DEFAULT_MAX_QUEUE, "--max-queue",
                                   help="Requests waiting for a slot; beyond it the API answers 429 with Retry-After."),
+    max_body_mb: float = typer.Option(8.0, "--max-body-mb",
+                                      help="Request bodies over this many MB get a 413 in the client's dialect."),
     max_model_len: Optional[int] = typer.Option(
         None, "--max-model-len", help="Prompt + output tokens per sequence (default: the plan's context: the "
                                       "model's, at most 32768)."),
@@ -139,6 +145,10 @@ def run_(
 ):
     from launcher.backends import plan_launch
 
+    if model is None:
+        model, note = contract.default_model()
+        if note:
+            print(f"exolaunch: note: {note}.", file=sys.stderr)
     if sharding not in (None, *contract.SHARDINGS):
         raise ConfigError(f"--sharding {sharding!r}: expected tensor or pipeline.")
     if not 1 <= port <= 65535:
@@ -147,10 +157,24 @@ def run_(
                                ("--max-model-len", max_model_len, 1), ("--max-total-tokens", max_total_tokens, 1)):
         if value is not None and value < least:
             raise ConfigError(f"{flag} {value}: expected a whole number of at least {least}.")
+    if not 0 < max_body_mb <= 4096:
+        raise ConfigError(f"--max-body-mb {max_body_mb:g}: expected megabytes between 0 and 4096.")
+    if not api_key and not _is_loopback(host):
+        print(f"exolaunch: warning: the API on {host}:{port} will answer anyone who can reach it: no API key "
+              f"is set (set {contract.ENV_API_KEY} or pass --api-key to require one).", file=sys.stderr)
     sopts = ssh_options(connect_timeout, host_key_check, ready_timeout=ready_timeout,
                         heartbeat_timeout=heartbeat_timeout, grace=grace)
     g: Globals = ctx.obj
     hostfile, topology = load_cluster_at(g, data_port)
+    used = first_slots(hostfile, np) if np else hostfile
+    all_local = all(h.is_local for h in used.hosts)
+    if data_port is None and not hostfile.port_given and all_local:
+        # Nobody asked for ports and nothing off this machine needs to know them: take free ones,
+        # so a second cluster on this host starts as well as the first.
+        from launcher.ports import free_data_port
+
+        data_port = free_data_port(sum(h.slots * len(h.ips) for h in used.hosts))
+        hostfile = dataclasses.replace(hostfile, port=data_port)
     plan = _plan_or_none(model, hostfile, topology, backend=backend, sharding=sharding, np=np,
                          context=max_model_len)
     if plan is not None:
@@ -172,7 +196,7 @@ def run_(
     if not skip_doctor and not dry_run:
         from launcher.doctor import run_checks
 
-        rank0 = (first_slots(hostfile, np) if np else hostfile).hosts[0].name
+        rank0 = used.hosts[0].name
         report = run_checks(hostfile, topology, backend=backend, np=np, data_port=data_port, control=True,
                             ports={rank0: [(host, port)]}, connect_timeout=connect_timeout,
                             host_key_check=host_key_check)
@@ -181,7 +205,8 @@ def run_(
             print("exolaunch: refusing to start: fix the problems above (or --skip-doctor).", file=sys.stderr)
             return EXIT_REFUSED
     command = ["python", "-m", "runtime", "serve", "--model", model, "--sharding", sharding,
-               "--host", host, "--port", str(port), "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max_queue)]
+               "--host", host, "--port", str(port), "--max-num-seqs", str(max_num_seqs), "--max-queue", str(max_queue),
+               "--max-body-mb", f"{max_body_mb:g}"]
     # One KV budget: the ranks admit within the numbers the plan sized (context, sequences,
     # bytes per token), so a plan that fits keeps fitting under load.
     if plan is not None:
@@ -191,10 +216,11 @@ def run_(
         command += ["--max-model-len", str(max_model_len)]
     if max_total_tokens:
         command += ["--max-total-tokens", str(max_total_tokens)]
-    # The control channel listens on rank 0's first data-plane address, just below the
-    # data-plane ports. The API key travels in the environment, not on a command line.
+    # The control channel listens on rank 0 just below the data-plane ports (on loopback when
+    # every rank is local); its connections prove the job secret plan_launch gives every rank.
+    # The API key travels in the environment, not on a command line.
     rank_env = {contract.ENV_CONTROL: contract.format_control(
-        contract.control_address(hostfile.hosts[0].ips, hostfile.port))}
+        contract.control_address(used.hosts[0].ips, hostfile.port, all_local=all_local))}
     if api_key:
         rank_env[contract.ENV_API_KEY] = api_key
     spec = plan_launch(hostfile, command, backend=backend, topology=topology,
@@ -216,6 +242,13 @@ def _ready_message(spec, model: str, host: str, port: int) -> str:
 
 
 EXIT_REFUSED = 5  # run: the plan does not fit, or the preflight checks failed
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: assume it is reachable from elsewhere
+        return False
 
 
 def _plan_or_none(model, hostfile, topology, **kw):

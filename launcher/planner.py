@@ -288,19 +288,29 @@ def choose_backend(hostfile: Hostfile, topology: Topology | None, requested: str
 # ----------------------------------------------------------------------------- memory
 
 
-def _tp_problem(card: ModelCard, t: int) -> str | None:
+def _tp_split(card: ModelCard, t: int):
+    """(TensorSplit or None, problem or None): each rank's heads and widths, as the runtime cuts them."""
     if t == 1:
-        return None
-    if "tensor" not in card.sharding:
-        return f"mlx-lm's {card.architecture} has no tensor parallelism (no Model.shard)"
+        return None, None
     from runtime.contract import ModelError, check_sharding
 
     try:
-        check_sharding(Path("."), card.tp_config(), t, "tensor", card.name)
+        return check_sharding(Path("."), card.tp_config(), t, "tensor", card.name), None
     except ModelError as e:
-        msg = str(e)
-        return msg.split(". Fix:")[0]
-    return None
+        return None, str(e).split(". Fix:")[0]
+
+
+def _tp_problem(card: ModelCard, t: int) -> str | None:
+    return _tp_split(card, t)[1]
+
+
+def tp_route(card: ModelCard, t: int) -> str | None:
+    """Which tensor-parallel path the ranks take (mlx-lm shard, generic, uneven) and why."""
+    split = _tp_split(card, t)[0]
+    if split is None:
+        return None
+    route, why = split.route(card.architecture, "tensor" in card.sharding)
+    return f"{route}: {why}"
 
 
 def _pp_problem(card: ModelCard, p: int) -> str | None:
@@ -343,11 +353,12 @@ def _memory(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[str,
     t = layout.tensor_size
     rep = min(card.embed_bytes + card.head_bytes / (t if _head_split(card, t) else 1), card.disk_bytes)
     kv_tok = card.kv_bytes_per_token(t if not _tp_problem(card, t) else 1, context)
+    split = _tp_split(card, t)[0]  # uneven splits: rank k holds split.share(k) of each layer
     start = 0
     plans: list[RankPlan] = []
     for s, (stage, n_layers) in enumerate(zip(layout.stages, layout.split)):
         for k, r in enumerate(stage):
-            w = rep + card.layer_bytes * n_layers / t
+            w = rep + card.layer_bytes * n_layers * (split.share(k) if split else 1 / t)
             kv = kv_tok * context * batch * n_layers / card.layers
             head = HEADROOM_FIXED_GB + HEADROOM_FRACTION * w / GB
             if layout.sharding == "tensor":
@@ -399,14 +410,15 @@ def _estimate(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[st
     t = layout.tensor_size
     kv_tok = card.kv_bytes_per_token(t if not _tp_problem(card, t) else 1, est_context)
     msg = batch * card.hidden_size * ACT_BYTES
+    split = _tp_split(card, t)[0]
     total = comm = 0.0
     for s, (stage, n_layers) in enumerate(zip(layout.stages, layout.split)):
         last = s == len(layout.stages) - 1
         worst = 0.0
-        for r in stage:
+        for k, r in enumerate(stage):
             name = ranks[r].host.name
             bw = infos[name].bandwidth_gbs * 1e9 * EFFICIENCY / max(used.get(name, 1), 1)
-            read = card.layer_bytes * n_layers * frac / t + kv_tok * est_context * batch * n_layers / card.layers
+            read = card.layer_bytes * n_layers * frac * (split.share(k) if split else 1 / t) + kv_tok * est_context * batch * n_layers / card.layers
             if last:  # the head: split across the TP group when untied (runtime.loader.GatheredHead)
                 read += head / (t if _head_split(card, t) else 1)
             worst = max(worst, read / bw)
@@ -573,6 +585,9 @@ def plan_for(model: str | ModelCard, hostfile: Hostfile, topology: Topology | No
                           else (best_pipe or tp))
                 reasons.append("no layout fits: " + "; ".join(
                     f"{c.name}: {'; '.join(c.problems) or 'needs more memory than the hosts have'}" for c in candidates))
+    route = tp_route(card, chosen.tensor_size) if chosen.sharding in ("tensor", "hybrid") else None
+    if route:
+        reasons.append(f"tensor split, {route}")
     if chosen.sharding == "hybrid" and not _RUNTIME_HYBRID:
         warnings.append("exolaunch's runtime does not build tensor-within-pipeline groups yet: `run` cannot "
                         "serve a hybrid plan; use --sharding pipeline or tensor to run now.")

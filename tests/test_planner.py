@@ -129,11 +129,15 @@ def test_llama_8b_fits_anywhere(n):
     assert plan_for("llama-3.1-8b", builtin_local(2), None).fits
 
 
-def test_llama_8b_on_three_ethernet_hosts_fits_memory_but_no_layout_runs():
+def test_llama_8b_on_three_ethernet_hosts_runs_uneven_tensor_parallel():
+    # 8 KV heads over 3 ranks: no pipeline in mlx-lm's llama, so the uneven split (3+3+2 KV
+    # heads, MLP columns in whole 4-bit groups) is what runs; rank 2 holds less
     plan = plan_for("llama-3.1-8b", *ethernet())
-    assert plan.memory_fits and not plan.fits
+    assert plan.fits and plan.sharding == "tensor"
     text = " ".join(plan.reasons)
-    assert "num_key_value_heads=8" in text and "no pipeline" in text
+    assert "uneven: heads 12+12+8, KV heads 3+3+2" in text and "no pipeline" in text
+    assert plan.ranks[0].weights_gb > plan.ranks[2].weights_gb
+    assert "tensor split, uneven" in plan.render()
 
 
 def test_unknown_remote_memory_is_assumed_to_fit_with_a_warning():
@@ -205,18 +209,16 @@ def test_two_tb_islands_hybrid_only_with_a_backend_that_can_split():
 
 
 def test_divisibility_rules_out_tp_and_names_the_numbers():
-    # glm-4.7: 96 heads but 8 KV heads; 3 ranks cannot share them
-    hf, topo = ethernet()
-    plan = plan_for("glm-4.7", hf, topo)
-    assert plan.sharding == "pipeline"
-    assert any("num_key_value_heads=8" in r and "3" in r for r in plan.reasons)
-    tensor = next(a for a in plan.alternatives if a.sharding == "tensor")
-    assert tensor.problems
-    # even on a fast mesh, 3 ranks rule out TP: pipeline is chosen instead
+    # glm-4.7: 96 heads but 8 KV heads; 3 ranks split them unevenly (3+3+2), 9 cannot at all
     hf3, topo3 = tb5(3)
     plan3 = plan_for("glm-4.7", hf3, topo3)
-    assert plan3.sharding == "pipeline"
-    assert any("num_key_value_heads=8" in r for r in plan3.reasons)
+    assert plan3.sharding == "tensor" and any("tensor split, uneven" in r for r in plan3.reasons)
+    card = dataclasses.replace(resolve_card("glm-4.7"), kv_heads=2)
+    plan = plan_for(card, *ethernet())
+    assert plan.sharding == "pipeline"
+    assert any("num_key_value_heads=2" in r and "3 ranks" in r for r in plan.reasons)
+    tensor = next(a for a in plan.alternatives if a.sharding == "tensor")
+    assert tensor.problems
 
 
 def test_requested_sharding_and_backend_are_respected():

@@ -145,9 +145,9 @@ def test_idle_ranks_do_not_spin(model_cache):
 
 
 def test_bad_sharding_is_refused_with_numbers(model_cache):
-    # demo-llama tiny has 8 heads and 4 KV heads: 3 ranks cannot split them.
+    # demo-llama tiny has 8 heads and 4 KV heads: 3 ranks split them unevenly, 5 cannot.
     with pytest.raises(AssertionError) as e:
-        ServingCluster("demo-llama:tiny", "-n", "3", cache=model_cache, ready_timeout=120)
+        ServingCluster("demo-llama:tiny", "-n", "5", cache=model_cache, ready_timeout=120)
     out = str(e.value)
-    assert "tensor parallelism over 3 ranks needs these to divide by 3" in out
+    assert "tensor parallelism over 5 ranks needs at least one whole KV head per rank" in out
     assert "num_attention_heads=8" in out and "num_key_value_heads=4" in out
