@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
 import pytest
 
@@ -71,22 +73,29 @@ def demo_model_path(tmp_path_factory):
     return ensure(API_MODEL, cache_dir=tmp_path_factory.mktemp("models"), size="tiny")
 
 
-@pytest.fixture(scope="module")
-def engine(demo_model_path):
-    import time
-
+@contextlib.contextmanager
+def running_engine(model_path, **engine_kw):
+    """A 1-rank engine in this process (Engine.start_local), ready, shut down at exit."""
     from runtime.engine import Engine
 
-    eng = Engine.start_local(demo_model_path, model_id=API_MODEL)
+    eng = Engine.start_local(model_path, model_id=API_MODEL, **engine_kw)
     deadline = time.monotonic() + 60
     while not eng.ready and time.monotonic() < deadline:
         time.sleep(0.02)
     assert eng.ready, eng.failed
-    yield eng
-    eng.shutdown()
-    # The engine thread's C++ thread-locals are destroyed after join() returns; give them a
-    # moment so interpreter finalization does not race them (mlx aborts otherwise).
-    time.sleep(0.5)
+    try:
+        yield eng
+    finally:
+        eng.shutdown()
+        # The engine thread's C++ thread-locals are destroyed after join() returns; give them a
+        # moment so interpreter finalization does not race them (mlx aborts otherwise).
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def engine(demo_model_path):
+    with running_engine(demo_model_path) as eng:
+        yield eng
 
 
 @pytest.fixture(scope="module")

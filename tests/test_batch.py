@@ -22,6 +22,7 @@ import pytest
 from launcher.batch.inputfile import parse_input
 from launcher.batch.journal import Journal
 from launcher.errors import ConfigError
+from launcher.ports import free_data_port
 from tests.launch_helpers import (ServingCluster, assert_no_leftovers, env_for_tests, free_port, run, start,
                                   token)
 
@@ -97,7 +98,7 @@ def wait_no_token_procs(tok: str, timeout: float = 20) -> None:
 
 
 def cluster_args(tok: str) -> list[str]:
-    return ["-n", "2", "--data-port", str(free_port() + 1), "-x", "EXOLAUNCH_CACHE", "-x",
+    return ["-n", "2", "--data-port", str(free_data_port(2)), "-x", "EXOLAUNCH_CACHE", "-x",
             f"EXOLAUNCH_TEST_TOKEN={tok}"]
 
 

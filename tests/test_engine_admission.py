@@ -11,20 +11,14 @@ import pytest
 
 from runtime.engine import Engine
 from runtime.requests import FinishEvent, GenerationRequest, PromptTooLong, QueueFull, SamplingParams
+from tests.conftest import running_engine
 
 
 @pytest.fixture(scope="module")
 def small_engine(demo_model_path):
     # 1 running sequence, 1 waiting, a KV budget of 40 tokens: small enough to hit every limit.
-    eng = Engine.start_local(demo_model_path, model_id="demo-llama", max_num_seqs=1, max_queue=1,
-                             max_total_tokens=40)
-    deadline = time.monotonic() + 60
-    while not eng.ready and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert eng.ready, eng.failed
-    yield eng
-    eng.shutdown()
-    time.sleep(0.5)
+    with running_engine(demo_model_path, max_num_seqs=1, max_queue=1, max_total_tokens=40) as eng:
+        yield eng
 
 
 def _req(n_prompt: int, max_tokens: int, **kw) -> GenerationRequest:

@@ -8,14 +8,15 @@ import time
 
 import pytest
 
+from launcher.ports import free_data_port
 from tests.launch_helpers import (
-    RANKPROG, assert_no_leftovers, env_for_tests, free_port, run, start, token, wait_for_output,
+    RANKPROG, assert_no_leftovers, env_for_tests, run, start, token, wait_for_output,
 )
 
 
 def test_selftest_two_local_ranks_ring():
     # A free port rather than the default: an earlier test's connections may still hold it.
-    r = run("exec", "--port", str(free_port()), "--", "python", "-m", "runtime.selftest", "--size", "4096")
+    r = run("exec", "--port", str(free_data_port(2)), "--", "python", "-m", "runtime.selftest", "--size", "4096")
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert sorted(line.split()[0] for line in lines) == ["[0@local]", "[1@local]"]

@@ -19,9 +19,10 @@ import mlx.core as mx
 import mlx.nn as nn
 import pytest
 
+from launcher.ports import free_data_port
 from runtime import contract, demo_models as dm
 from runtime.contract import ModelError
-from tests.launch_helpers import free_port, run
+from tests.launch_helpers import run
 from tests.tp_greedy import greedy
 
 
@@ -78,7 +79,7 @@ def _run_ranks(n: int, model_dirs: dict[str, str]) -> dict[str, dict[int, list]]
     """One `exolaunch exec -n n` over every model: {model name: {rank: tokens}} plus the paths."""
     if n not in _RESULTS:
         dirs = [d for name, d in model_dirs.items() if name.removesuffix("-q4") in RUNS[n]]
-        r = run("exec", "-n", str(n), "--port", str(free_port()), "--", "python", "-m", "tests.tp_greedy", *dirs,
+        r = run("exec", "-n", str(n), "--port", str(free_data_port(n)), "--", "python", "-m", "tests.tp_greedy", *dirs,
                 timeout=600)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
         got: dict[str, dict] = {}
