@@ -33,7 +33,7 @@ from runtime.contract import ModelError
 
 CONVERTER_VERSION = 1  # bump when the written files change
 DTYPES = ("float32", "float16", "keep")
-DEFAULT_DTYPE = "float32"  # measured: see README "Importing GGUF models"
+DEFAULT_DTYPE = "float32"  # as fast as 4-bit here, and only float32 gains from an optimized BLAS (README)
 
 
 @dataclass(frozen=True)
