@@ -129,11 +129,11 @@ class Engine:
         n = len(req.prompt_tokens)
         if n == 0:
             raise ValueError("the prompt is empty")
-        if n + p.max_tokens > self.context_length:
-            raise PromptTooLong(f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} "
+        if req.kv_tokens > self.context_length:
+            raise PromptTooLong(f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {req.kv_tokens} "
                                 f"exceeds the model's context of {self.context_length} tokens")
-        if n + p.max_tokens > self.max_total_tokens:
-            raise PromptTooLong(f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {n + p.max_tokens} "
+        if req.kv_tokens > self.max_total_tokens:
+            raise PromptTooLong(f"the prompt has {n} tokens and max_tokens is {p.max_tokens}: {req.kv_tokens} "
                                 f"exceeds the cluster's KV cache budget of {self.max_total_tokens} tokens "
                                 "(--max-total-tokens)")
         if p.grammar is not None:
@@ -165,7 +165,7 @@ class Engine:
 
     def _fits(self, h: RequestHandle, running: int, reserved: int) -> bool:
         return (running < self.max_num_seqs
-                and reserved + len(h.request.prompt_tokens) + h.request.params.max_tokens <= self.max_total_tokens)
+                and reserved + h.request.kv_tokens <= self.max_total_tokens)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         with self._cv:
@@ -217,8 +217,7 @@ class Engine:
                     removes.append(uid)
                     del self._live[uid]
             running = len(self._live)
-            reserved = sum(len(lv.handle.request.prompt_tokens) + lv.handle.request.params.max_tokens
-                           for lv in self._live.values())
+            reserved = sum(lv.handle.request.kv_tokens for lv in self._live.values())
             new = []
             while not stopping and self._pending and (self._pending[0].cancelled.is_set()
                                                       or self._fits(self._pending[0], running, reserved)):
@@ -226,7 +225,7 @@ class Engine:
                 new.append(h)
                 if not h.cancelled.is_set():
                     running += 1
-                    reserved += len(h.request.prompt_tokens) + h.request.params.max_tokens
+                    reserved += h.request.kv_tokens
         inserts = []
         for h in new:
             if h.cancelled.is_set():

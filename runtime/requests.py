@@ -42,6 +42,11 @@ class GenerationRequest:
     params: SamplingParams
     id: str = ""
 
+    @property
+    def kv_tokens(self) -> int:
+        """The most KV cache it can take: prompt + max_tokens (what admission reserves)."""
+        return len(self.prompt_tokens) + self.params.max_tokens
+
 
 @dataclass
 class TokenEvent:
