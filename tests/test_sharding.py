@@ -98,6 +98,7 @@ CASES = [(n, name + q) for n in (2, 3) for name in RUNS[n] for q in ("", "-q4")]
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the first case per rank count runs one exec over every model (600 s cap)
 @pytest.mark.parametrize("n,name", CASES, ids=[f"{n}ranks-{m}" for n, m in CASES])
 def test_greedy_equals_one_process(model_dirs, reference, n, name):
     ranks = _run_ranks(n, model_dirs)["tokens"][name]
