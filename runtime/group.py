@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from typing import NoReturn
 
 import mlx.core as mx
 
@@ -18,3 +20,22 @@ def init_group() -> mx.distributed.Group:
     if group.size() != world:
         raise RuntimeError(f"mlx formed a group of {group.size()} ranks but exolaunch started {world}")
     return group
+
+
+def finish(group: mx.distributed.Group, code: int = 0) -> NoReturn:
+    """End a rank program without failing a peer's last collective.
+
+    mlx's ring can complete a collective on one rank while that rank's last send to a peer is
+    still queued; if the rank exits then, the peer sees "connection to a peer was lost". A
+    final all_sum returns on a rank only once every rank has entered it, i.e. finished its
+    real work, so a failure past that point hurts nobody and is ignored. os._exit skips mlx's
+    thread-local teardown, which can abort or segfault after all work is done.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if group.size() > 1:
+        try:
+            mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))
+        except RuntimeError:
+            pass
+    os._exit(code)

@@ -18,6 +18,7 @@ import mlx.core as mx
 
 from launcher.rankapi import ready
 from runtime import contract
+from runtime.group import finish
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     gbps = 2 * (n - 1) / n * x.nbytes / dt / 1e9 if n > 1 else 0.0
     print(f"rank {r}/{n} on {socket.gethostname()} backend {backend}: all_sum ok={ok} "
           f"{x.nbytes / 1e6:.1f} MB in {dt * 1e3:.2f} ms ({gbps:.2f} GB/s bus)", flush=True)
-    return 0 if ok else 1
+    finish(group, 0 if ok else 1)
 
 
 if __name__ == "__main__":

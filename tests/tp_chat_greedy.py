@@ -24,7 +24,7 @@ def chat_prompt(tokenizer) -> list[int]:
 
 
 def main(model_dir: str) -> None:
-    from runtime.group import init_group
+    from runtime.group import finish, init_group
     from runtime.loader import load
 
     group = init_group()
@@ -32,6 +32,7 @@ def main(model_dir: str) -> None:
     prompt = chat_prompt(tokenizer)
     tokens = greedy(model, [prompt], MAX_TOKENS)[0]
     print(json.dumps({"rank": group.rank(), "prompt": prompt, "tokens": tokens}), flush=True)
+    finish(group)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ def greedy(model, prompts=PROMPTS, max_tokens: int = MAX_TOKENS) -> list[list[in
 
 
 def main(dirs: list[str]) -> None:
-    from runtime.group import init_group
+    from runtime.group import finish, init_group
     from runtime.loader import load
 
     group = init_group()
@@ -38,6 +38,7 @@ def main(dirs: list[str]) -> None:
         model, _, _ = load(Path(d), group, "tensor", Path(d).name)
         print(json.dumps({"model": d, "rank": group.rank(), "tokens": greedy(model)}), flush=True)
         del model
+    finish(group)
 
 
 if __name__ == "__main__":
