@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 
+from launcher.blas import rank_env as rank_blas_env
 from runtime.contract import ENV_CONTROL_FD
 
 FRAME = b"\x1e"
@@ -143,6 +144,10 @@ class Agent:
         env = {k: v for k, v in os.environ.items() if not k.startswith(MPI_SPEC_ENV)}
         env.update(spec.get("env", {}))
         env.update(file_env)
+        blas_env, blas_error = rank_blas_env(env)
+        if blas_error:
+            return self._failed_to_start(blas_error, 1)
+        env.update(blas_env)
         ctl_r, ctl_w = os.pipe()
         env[ENV_CONTROL_FD] = str(ctl_w)
         argv = list(spec["argv"])

@@ -62,6 +62,20 @@ def collect_env(xs: list[str], env_files: list[Path]) -> dict[str, str]:
     return env
 
 
+BLAS_OPTION = typer.Option(
+    None, "--blas", help="CPU ranks on Linux: auto (OpenBLAS when the host has it; default) | openblas (required) "
+                         "| bundled (mlx's reference BLAS) | /path/to/libblas.so.")
+
+
+def check_blas(value: Optional[str]) -> Optional[str]:
+    from launcher import blas
+
+    try:
+        return None if value is None else blas.check_mode(value)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def check_host_key_check(value: Optional[str]) -> None:
     if value is not None and value not in ssh.HOST_KEY_MODES:
         raise ConfigError(f"--host-key-check {value!r}: expected one of {', '.join(ssh.HOST_KEY_MODES)}.")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from launcher.cli_common import app, check_host_key_check, load_cluster
+from launcher.cli_common import BLAS_OPTION, app, check_blas, check_host_key_check, load_cluster
 from launcher.errors import ConfigError
 
 
@@ -27,6 +27,7 @@ def doctor(
     connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="SSH connect timeout, seconds."),
     host_key_check: Optional[str] = typer.Option(None, "--host-key-check", help="yes | accept-new | no."),
     as_json: bool = typer.Option(False, "--json", help="Print the whole report as JSON."),
+    blas: Optional[str] = BLAS_OPTION,
 ):
     from launcher.doctor import run_checks
 
@@ -37,7 +38,7 @@ def doctor(
         raise ConfigError(f"--port {port}: expected a port between 2 and 65535.")
     hostfile, topology = load_cluster(ctx.obj)
     report = run_checks(hostfile, topology, backend=backend, np=np, data_port=port,
-                        connect_timeout=connect_timeout, host_key_check=host_key_check)
+                        connect_timeout=connect_timeout, host_key_check=host_key_check, blas=check_blas(blas))
     if as_json:
         typer.echo(json.dumps(report.to_dict(), indent=2))
     elif sys.stdout.isatty():

@@ -15,7 +15,7 @@ import typer
 
 from launcher import ssh
 from launcher.backends import first_slots
-from launcher.cli_common import Globals, app, check_host_key_check, collect_env, load_cluster
+from launcher.cli_common import BLAS_OPTION, Globals, app, check_blas, check_host_key_check, collect_env, load_cluster
 from launcher.errors import ConfigError
 from runtime import contract
 
@@ -47,6 +47,7 @@ def exec_(
     host_key_check: Optional[str] = typer.Option(
         None, "--host-key-check", help="yes | accept-new | no (default: your ssh config; checking stays on)."),
     port: Optional[int] = typer.Option(None, "--port", help="Starting data-plane port (overrides the hostfile)."),
+    blas: Optional[str] = BLAS_OPTION,
 ):
     from launcher.backends import plan_launch
 
@@ -55,7 +56,7 @@ def exec_(
     g: Globals = ctx.obj
     hostfile, topology = load_cluster_at(g, port)
     spec = plan_launch(hostfile, list(command), backend=backend, topology=topology,
-                       env=collect_env(env, env_file), np=np, verbose=g.verbose)
+                       env=collect_env(env, env_file), np=np, verbose=g.verbose, blas=check_blas(blas))
     return launch(spec, sopts, dry_run=dry_run, tag_output=tag_output, log_dir=log_dir, timeout=timeout,
                   ready_timeout=ready_timeout, heartbeat_timeout=heartbeat_timeout, grace=grace)
 
@@ -142,9 +143,11 @@ def run_(
                                          "(default: what the plan's spare memory holds)."),
     force: bool = typer.Option(False, "--force", help="Start even if the plan says the model does not fit."),
     skip_doctor: bool = typer.Option(False, "--skip-doctor", help="Skip the preflight checks of `exolaunch doctor`."),
+    blas: Optional[str] = BLAS_OPTION,
 ):
     from launcher.backends import plan_launch
 
+    blas = check_blas(blas)
     if model is None:
         model, note = contract.default_model()
         if note:
@@ -197,7 +200,7 @@ def run_(
         from launcher.doctor import run_checks
 
         rank0 = used.hosts[0].name
-        report = run_checks(hostfile, topology, backend=backend, np=np, data_port=data_port, control=True,
+        report = run_checks(hostfile, topology, backend=backend, np=np, data_port=data_port, control=True, blas=blas,
                             ports={rank0: [(host, port)]}, connect_timeout=connect_timeout,
                             host_key_check=host_key_check)
         if not report.ok:
@@ -224,7 +227,7 @@ def run_(
     if api_key:
         rank_env[contract.ENV_API_KEY] = api_key
     spec = plan_launch(hostfile, command, backend=backend, topology=topology,
-                       env={**collect_env(env, env_file), **rank_env}, np=np, verbose=g.verbose)
+                       env={**collect_env(env, env_file), **rank_env}, np=np, verbose=g.verbose, blas=blas)
     return launch(spec, sopts, dry_run=dry_run, tag_output=tag_output, log_dir=log_dir, timeout=None,
                   ready_timeout=ready_timeout, heartbeat_timeout=heartbeat_timeout, grace=grace,
                   ready_message=_ready_message(spec, model, host, port))

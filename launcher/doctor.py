@@ -197,6 +197,11 @@ if D and any(e["status"] != "free" and D["lo"] <= e["port"] <= D["hi"] for e in 
             R["free_run"] = {"first": first, "last": first + width - 1, "data_port": first + D["data_port"] - D["lo"]}
             break
         first = taken[-1] + 1
+# an optimized BLAS for CPU ranks (Linux): the first candidate path that exists, or the one asked for
+if sys.platform == "linux":
+    want = env.get("EXOLAUNCH_BLAS") or P.get("blas") or "auto"
+    paths = [want] if want.startswith("/") else P.get("blas_paths") or []
+    R["blas"] = {"mode": want, "path": next((q for q in paths if os.path.exists(q)), None)}
 # backend needs
 backend = P.get("backend")
 if backend in ("jaccl", "jaccl-ring") and sys.platform == "darwin":
@@ -436,17 +441,20 @@ def needed_ports(spec, *, data_port: int, control: bool = False) -> dict[str, li
 def run_checks(hostfile: Hostfile, topology=None, *, backend: str | None = None, np: int | None = None,
                data_port: int | None = None, control: bool = False,
                ports: dict[str, list] | None = None, connect_timeout: float = 10.0,
-               host_key_check: str | None = None, need_disk_gb: float | None = None) -> CheckReport:
+               host_key_check: str | None = None, need_disk_gb: float | None = None,
+               blas: str | None = None) -> CheckReport:
     """Probe every host the job would use, in parallel, and judge the answers.
 
     backend / np / data_port / topology as for `exec` (the same plan decides hosts and ports);
     control=True adds `run`'s control channel (data_port - 1 on rank 0); `ports` adds more
     per host name, as ports or (ip, port) pairs (e.g. the API port on rank 0).
-    need_disk_gb: free space the model needs in the caches (an error below it)."""
+    need_disk_gb: free space the model needs in the caches (an error below it).
+    blas: `--blas` (launcher/blas.py); Linux hosts without the BLAS it asks for are told what to install."""
     import dataclasses
 
     from launcher.backends import plan_launch
     from launcher.backends import host_python
+    from launcher.blas import CANDIDATES as blas_paths
 
     if data_port is not None:
         hostfile = dataclasses.replace(hostfile, port=data_port)
@@ -482,6 +490,7 @@ def run_checks(hostfile: Hostfile, topology=None, *, backend: str | None = None,
 
     def one(h: Host) -> HostCheck:
         params = {"packages": list(PACKAGES), "backend": spec.backend, "ports": want.get(h.name, []),
+                  "blas": blas, "blas_paths": list(blas_paths),
                   "data": data, "env": {**hostfile.env, **h.env}, "cwd": h.cwd}
         return probe_host(h, host_python(h), params, sopts)
 
@@ -630,6 +639,16 @@ def judge(results: list[HostCheck], hosts: dict[str, Host], *, backend: str,
                     f"{r.name} lists its addresses)")
             elif p["status"] != "free":
                 add(r.name, f"cannot bind {where}: {p.get('error')}", "choose other ports with --port")
+        # BLAS of CPU ranks (launcher/blas.py): bundled reference BLAS is 5-30x slower for float32
+        b = i.get("blas")
+        if b and b["path"] is None and b["mode"] != "bundled":
+            from launcher.blas import INSTALL_HINT
+
+            if b["mode"] == "auto":
+                add(r.name, "no OpenBLAS: CPU ranks fall back to mlx's bundled reference BLAS (float32 prefill "
+                            "5-30x slower)", INSTALL_HINT, "warning")
+            else:
+                add(r.name, f"--blas {b['mode']}: not found on this host", f"{INSTALL_HINT}, or --blas bundled")
         # backend
         if backend in ("jaccl", "jaccl-ring"):
             if not mac:

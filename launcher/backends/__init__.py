@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 
 from launcher.errors import ConfigError
@@ -73,6 +74,7 @@ def plan_launch(
     env: dict[str, str] | None = None,
     np: int | None = None,
     verbose: bool = False,
+    blas: str | None = None,
 ) -> LaunchSpec:
     from launcher.backends import jaccl, mpi, ring
 
@@ -95,12 +97,17 @@ def plan_launch(
     common = dict(hostfile.env)
     secret = secrets.token_hex(32)  # this job's: rank 0's control channel admits only who proves it
     specs = []
+    per_host = Counter(r.host.name for r in ranks)
     for r in ranks:
-        renv = {**common, **r.host.env, **(env or {})}
+        # --blas wins; without it a host's env may choose (an unusual library path), else auto
+        renv = {contract.ENV_BLAS: "auto", **common, **r.host.env, **(env or {})}
+        if blas is not None:
+            renv[contract.ENV_BLAS] = blas
         renv.update({
             contract.ENV_RANK: str(r.rank),
             contract.ENV_WORLD_SIZE: str(world),
             contract.ENV_LOCAL_RANK: str(r.local_rank),
+            contract.ENV_LOCAL_WORLD_SIZE: str(per_host[r.host.name]),
             contract.ENV_HOST: r.host.name,
             contract.ENV_BACKEND: backend,
             contract.ENV_JOB_SECRET: secret,
