@@ -71,6 +71,12 @@ def bench_(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar=contract.ENV_API_KEY, help="API key for the servers."),
     ready_timeout: float = typer.Option(900.0, "--ready-timeout", help="Seconds for a cluster to load."),
     connect_timeout: float = typer.Option(10.0, "--connect-timeout", help="SSH connect timeout for the probes."),
+    trace: Optional[str] = typer.Option(None, "--trace", help="agent: instead of the load sweep, a coding agent's "
+                                                             "trace (a long system prompt, growing conversations) "
+                                                             "per cluster, with and without the prefix cache."),
+    trace_system: int = typer.Option(2000, "--trace-system", help="Agent trace: system prompt tokens."),
+    trace_turns: int = typer.Option(6, "--trace-turns", help="Agent trace: turns per conversation."),
+    trace_conversations: int = typer.Option(3, "--trace-conversations", help="Agent trace: conversations at once."),
 ):
     from launcher import ssh
     from launcher.bench import records, report
@@ -84,6 +90,9 @@ def bench_(
         "concurrency": csv_ints("--concurrency", concurrency), "repeats": repeats, "warmup": warmup,
         "idle_seconds": idle_seconds, "against": csv_strs(against)})
     out = out or Path("bench-results") / sweep.name
+    if trace is not None:
+        return _agent_trace(ctx, sweep, out, trace, trace_system, trace_turns, trace_conversations, api_key,
+                            ready_timeout, connect_timeout)
     results = out / "results.jsonl"
     if fresh and results.exists():
         kept = [r for r in records.load(results) if r.get("sweep") != sweep.name]
@@ -115,3 +124,29 @@ def bench_(
         print(f"exolaunch: bench: {kind}: {path}", file=sys.stderr)
     print(f"exolaunch: bench: records: {results}", file=sys.stderr)
     return status
+
+
+def _agent_trace(ctx, sweep, out: Path, trace: str, system: int, turns: int, conversations: int,
+                 api_key: Optional[str], ready_timeout: float, connect_timeout: float) -> int:
+    """`--trace agent` (launcher/bench/agent.py): one trace per sweep cluster and server."""
+    from launcher import ssh
+    from launcher.bench import agent
+    from launcher.bench.runner import Runner, Target
+
+    if trace != "agent":
+        raise ConfigError(f"--trace {trace!r}: expected agent.")
+    for flag, value in (("--trace-system", system), ("--trace-turns", turns), ("--trace-conversations", conversations)):
+        if value < 1:
+            raise ConfigError(f"{flag} {value}: expected a whole number of at least 1.")
+    g = ctx.obj
+    hostfile, _ = load_cluster(g)
+    target = Target(hostfile=hostfile, hostfile_path=g.hostfile, topology_path=g.topology, api_key=api_key,
+                    ready_timeout=ready_timeout,
+                    sopts=ssh.SshOptions(connect_timeout=connect_timeout, config=hostfile.ssh_config,
+                                         options=dict(hostfile.ssh_options or {})))
+    runner = Runner(sweep, target, out, say=lambda m: print(m, file=sys.stderr, flush=True))
+    recs, failed = agent.run(runner, agent.Trace(system=system, turns=turns, conversations=conversations),
+                             [*agent.SERVERS, *sweep.against])
+    typer.echo(agent.report(recs))
+    print(f"exolaunch: bench: records: {out / 'agent.jsonl'}", file=sys.stderr)
+    return 1 if failed else 0

@@ -73,6 +73,18 @@ class HostInfo:
     bandwidth_note: str
 
 
+PREFIX_CACHE_SHARE = 0.25  # of the spare memory (after weights and headroom) for the prefix KV cache
+PREFIX_CACHE_MAX_GB = 16.0
+
+
+def kv_scale(kv_bits: int | None, group_size: int = 64) -> float:
+    """KV bytes per token with --kv-bits, as a share of float16's: bits/8 per value plus a
+    float16 scale and bias per group of values (runtime/kv_quant.py)."""
+    if not kv_bits:
+        return 1.0
+    return (kv_bits / 8 + 4 / group_size) / 2
+
+
 @dataclass
 class RankPlan:
     rank: int
@@ -129,24 +141,40 @@ class Plan:
     reasons: list[str]
     warnings: list[str]
 
-    def kv_budget_tokens(self) -> int | None:
-        """Tokens of KV cache (summed over all running sequences) the tightest host holds once
-        weights and headroom are placed; None when no host's memory is known."""
-        budgets = []
+    def _spare_gb(self) -> dict[str, tuple[float, list[RankPlan]]]:
+        """Per host whose memory is known: (usable GB once weights and headroom are placed, its ranks)."""
+        out = {}
         for name, info in self.hosts.items():
             mine = [r for r in self.ranks if r.host == name]
+            if info.usable_gb is not None and mine:
+                out[name] = (info.usable_gb - sum(r.weights_gb + r.headroom_gb for r in mine), mine)
+        return out
+
+    def prefix_cache_gb(self) -> float:
+        """`run`'s default --prefix-cache-gb (per rank): PREFIX_CACHE_SHARE of the tightest host's
+        spare memory, split among its ranks, at most PREFIX_CACHE_MAX_GB; 1 GB when no host's
+        memory is known."""
+        shares = [max(0.0, spare) * PREFIX_CACHE_SHARE / len(mine) for spare, mine in self._spare_gb().values()]
+        return round(min(min(shares), PREFIX_CACHE_MAX_GB), 3) if shares else 1.0
+
+    def kv_budget_tokens(self, prefix_cache_gb: float = 0.0) -> int | None:
+        """Tokens of KV cache (summed over all running sequences) the tightest host holds once
+        weights, headroom and each rank's prefix cache are placed; None when no host's memory is
+        known."""
+        budgets = []
+        for spare, mine in self._spare_gb().values():
             per_token = sum(r.kv_bytes_per_token for r in mine)
-            if info.usable_gb is None or not mine or per_token <= 0:
+            if per_token <= 0:
                 continue
-            spare = info.usable_gb - sum(r.weights_gb + r.headroom_gb for r in mine)
+            spare -= prefix_cache_gb * len(mine)
             budgets.append(max(0, int(spare * GB / per_token)))
         return min(budgets) if budgets else None
 
-    def max_total_tokens(self, max_num_seqs: int) -> int:
+    def max_total_tokens(self, max_num_seqs: int, prefix_cache_gb: float = 0.0) -> int:
         """What `run` gives the ranks as their KV budget (--max-total-tokens): the memory's, at
         most max_num_seqs full-context sequences."""
         cap = max_num_seqs * self.context
-        budget = self.kv_budget_tokens()
+        budget = self.kv_budget_tokens(prefix_cache_gb)
         return cap if budget is None else min(budget, cap)
 
     @property
@@ -349,10 +377,10 @@ def _head_split(card: ModelCard, t: int) -> bool:
 
 
 def _memory(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[str, HostInfo],
-            context: int, batch: int) -> None:
+            context: int, batch: int, kv_share: float = 1.0) -> None:
     t = layout.tensor_size
     rep = min(card.embed_bytes + card.head_bytes / (t if _head_split(card, t) else 1), card.disk_bytes)
-    kv_tok = card.kv_bytes_per_token(t if not _tp_problem(card, t) else 1, context)
+    kv_tok = card.kv_bytes_per_token(t if not _tp_problem(card, t) else 1, context) * kv_share
     split = _tp_split(card, t)[0]  # uneven splits: rank k holds split.share(k) of each layer
     start = 0
     plans: list[RankPlan] = []
@@ -399,7 +427,7 @@ def _allreduce_s(n: int, msg: float, link: Link, backend: str) -> float:
 
 
 def _estimate(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[str, HostInfo],
-              links: Links, backend: str, batch: int, est_context: int) -> None:
+              links: Links, backend: str, batch: int, est_context: int, kv_share: float = 1.0) -> None:
     """Decode step time = sum over pipeline stages of (slowest rank's bytes / bandwidth + per-layer
     overhead + TP all-reduces) + one activation send per stage boundary."""
     used: dict[str, int] = {}
@@ -408,7 +436,7 @@ def _estimate(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[st
     frac = card.touched_fraction(batch)
     head = card.head_bytes or card.embed_bytes
     t = layout.tensor_size
-    kv_tok = card.kv_bytes_per_token(t if not _tp_problem(card, t) else 1, est_context)
+    kv_tok = card.kv_bytes_per_token(t if not _tp_problem(card, t) else 1, est_context) * kv_share
     msg = batch * card.hidden_size * ACT_BYTES
     split = _tp_split(card, t)[0]
     total = comm = 0.0
@@ -447,8 +475,9 @@ def _estimate(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[st
 def plan_for(model: str | ModelCard, hostfile: Hostfile, topology: Topology | None = None, *,
              context: int | None = None, batch: int = 1, backend: str | None = None,
              sharding: str | None = None, np: int | None = None, reserve_gb: float | None = None,
-             bandwidth: dict[str, float] | None = None, est_context: int = 1024) -> Plan:
-    """Plan serving `model` on every rank of `hostfile` (or its first `np`)."""
+             bandwidth: dict[str, float] | None = None, est_context: int = 1024, kv_share: float = 1.0) -> Plan:
+    """Plan serving `model` on every rank of `hostfile` (or its first `np`). kv_share: KV bytes
+    per token as a share of float16's (kv_scale(--kv-bits, --kv-group-size))."""
     card = resolve_card(model)
     if sharding not in (None, "tensor", "pipeline", "hybrid"):
         raise ConfigError(f"--sharding {sharding!r}: expected tensor, pipeline or hybrid.")
@@ -515,8 +544,8 @@ def plan_for(model: str | ModelCard, hostfile: Hostfile, topology: Topology | No
         if c.sharding == "hybrid" and not SPLIT_SUPPORT.get(chosen_backend, False):
             c.problems.append(f"{chosen_backend} does not support split (mx.distributed Group.split), "
                               "which tensor-within-island groups need; --backend mpi does")
-        _memory(card, c, ranks, infos, context, batch)
-        _estimate(card, c, ranks, infos, links, chosen_backend, batch, min(est_context, context))
+        _memory(card, c, ranks, infos, context, batch, kv_share)
+        _estimate(card, c, ranks, infos, links, chosen_backend, batch, min(est_context, context), kv_share)
 
     by = {c.name: c for c in candidates}
     fabric_fast = all(links.fast(a.name, b.name) for i, a in enumerate(hostfile.hosts)
@@ -664,12 +693,30 @@ def render(plan: Plan, width: int = 120) -> str:
         a.add_row(("* " if lay is plan.layout else "  ") + lay.name, split, f"{lay.tok_s:,.1f}",
                   f"{lay.step_ms:,.2f}", f"{lay.comm_ms:,.2f}", fits, "; ".join(lay.problems))
     con.print(a)
-    budget = plan.kv_budget_tokens()
+    prefix_gb = plan.prefix_cache_gb()
+    budget = plan.kv_budget_tokens(prefix_gb)
     if budget is not None:
         con.print(f"KV budget: {budget:,} tokens across all running sequences on the tightest host "
-                  f"({budget / plan.context:,.1f} x context {plan.context:,}); `run` admits requests within "
-                  "it (--max-total-tokens) and queues the rest.")
+                  f"({budget / plan.context:,.1f} x context {plan.context:,}) beside a prefix cache of "
+                  f"{prefix_gb:g} GB per rank; `run` admits requests within it (--max-total-tokens) and "
+                  "queues the rest.")
     verdict = "fits" if plan.fits else "DOES NOT FIT" if not plan.memory_fits else "CANNOT RUN"
     con.print(f"Verdict: {verdict}. Estimated decode {plan.tok_s:,.1f} tok/s "
               f"(batch {plan.batch}, short context; rough, see docs/planner.md).")
     return buf.getvalue()
+
+
+def summary(plan: Plan, topology: Topology | None = None) -> dict:
+    """The plan as plain JSON for rank 0's dashboard and /exolaunch/status (contract.ENV_PLAN):
+    per rank its host, shard and memory budget; per pair of hosts used, the link."""
+    used = list(dict.fromkeys(r.host for r in plan.ranks))
+    links = Links(plan.hostfile, topology)
+    pairs = [(a, b) for i, a in enumerate(used) for b in used[i + 1:]]
+    return {
+        "model": plan.model.name, "backend": plan.backend, "sharding": plan.sharding, "context": plan.context,
+        "ranks": [{"rank": r.rank, "host": r.host, "shard": r.shard, "weights_gb": round(r.weights_gb, 4),
+                   "kv_gb": round(r.kv_gb, 4), "need_gb": round(r.need_gb, 4), "usable_gb": r.usable_gb}
+                  for r in plan.ranks],
+        "links": [{"a": a, "b": b, "kind": ln.kind, "gbps": ln.bandwidth_gbps, "latency_us": ln.latency_us}
+                  for a, b in pairs for ln in [links.link(a, b)]],
+    }

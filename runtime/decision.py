@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-VERSION = 1
+VERSION = 2  # 2: prefix cache (Insert.cached/entry, keep, evict) and the prefill chunk
 
 
 class VersionMismatch(ValueError):
@@ -22,7 +22,7 @@ class VersionMismatch(ValueError):
 class Insert:
     """A request joining the batch, with everything a rank needs to sample it identically."""
 
-    tokens: list[int]
+    tokens: list[int]  # the prompt tokens to prefill: those after the reused prefix
     max_tokens: int
     temperature: float
     top_p: float
@@ -30,6 +30,8 @@ class Insert:
     seed: int
     eos: bool  # stop at the tokenizer's end-of-sequence tokens
     grammar: dict | None = None  # constrained decoding (runtime/constrain.py)
+    entry: int = -1  # prefix cache entry whose first `cached` tokens' KV this request reuses
+    cached: int = 0
 
 
 @dataclass
@@ -38,11 +40,18 @@ class StepDecision:
     removes: list[int] = field(default_factory=list)  # BatchGenerator uids, in order
     step: bool = False  # run one batched forward
     stop: bool = False  # shut down after applying this decision
+    # The prefix cache (runtime/prefix_cache.py), applied before removes and inserts: keep
+    # [uid, entry id, tokens] stores the first `tokens` of a finished or leaving sequence's KV
+    # as that entry; evict drops entries.
+    keep: list[list[int]] = field(default_factory=list)
+    evict: list[int] = field(default_factory=list)
+    prefill: int = 0  # prompt tokens per sequence this step prefills (0: as before)
     version: int = VERSION
 
     def encode(self) -> bytes:
         return json.dumps({"v": self.version, "ins": [vars(i) for i in self.inserts], "rm": self.removes,
-                           "step": self.step, "stop": self.stop}, separators=(",", ":")).encode()
+                           "step": self.step, "stop": self.stop, "keep": self.keep, "evict": self.evict,
+                           "prefill": self.prefill}, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> "StepDecision":
@@ -50,7 +59,8 @@ class StepDecision:
         check_version(msg.get("v"))
         try:
             inserts = [Insert(**i) for i in msg["ins"]]
-            return cls(inserts, list(msg["rm"]), bool(msg["step"]), bool(msg["stop"]))
+            return cls(inserts, list(msg["rm"]), bool(msg["step"]), bool(msg["stop"]),
+                       [list(k) for k in msg["keep"]], list(msg["evict"]), int(msg["prefill"]))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed step decision ({type(e).__name__}: {e})") from None
 

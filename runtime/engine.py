@@ -9,8 +9,14 @@ Identical logits plus per-request samplers with identical keys give identical to
 rank, so the ranks never need to exchange sampled tokens. No follower ever decides alone.
 
 When nothing is running the leader blocks on a condition variable and followers block in
-recv(): an idle cluster does not spin. Prefill is chunked (prefill_step tokens per step) and
-interleaved with decode steps, so a long prompt does not freeze running streams.
+recv(): an idle cluster does not spin. Prefill is chunked and interleaved with decode steps, so a
+long prompt does not freeze running streams; rank 0 sizes each step's chunk (at most
+prefill_step tokens, and about PREFILL_CHUNK_SECONDS of work) and sends the size in the decision,
+so a cancelled prompt stops at the next chunk boundary on every rank.
+
+The prefix cache (runtime/prefix_cache.py): rank 0 chooses, for each request joining, the cached
+prefix it reuses (Insert.entry, Insert.cached) and which finished sequences to keep or entries
+to evict (StepDecision.keep, evict); every rank restores and stores its own shard of that KV.
 """
 
 from __future__ import annotations
@@ -25,16 +31,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlx.core as mx
-from mlx_lm.generate import BatchGenerator, StopSequences
+from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 from mlx_lm.sample_utils import apply_top_p
 
-from runtime import constrain
+from runtime import constrain, kv_quant
+from runtime.prefix_cache import GB, KVStore, PrefixIndex, cut, prefixable
 from runtime.decision import Insert, StepDecision
+from runtime.stepstats import StepStats
 from runtime.requests import (
     EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, QueueFull, RequestHandle, TokenEvent,
 )
 
 log = logging.getLogger("exolaunch.engine")
+
+PREFILL_CHUNK_SECONDS = 1.0  # a prefill step's target length: how late a cancel can take effect
+MIN_PREFILL_CHUNK = 64  # smaller chunks cost more in per-step overhead than they save in latency
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -87,6 +98,8 @@ class _Live:
     emitted: int = 0  # characters of detokenized text already sent
     finished: bool = False
     text: str = field(default="")
+    cached: int = 0  # prompt tokens restored from the prefix cache
+    generated: list[int] = field(default_factory=list)
 
 
 class Engine:
@@ -97,7 +110,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, model_id: str, model_path: Path, group, control=None,
                  context_length: int = 4096, prefill_step: int = 256, max_num_seqs: int = 32,
-                 max_queue: int = 256, max_total_tokens: int | None = None):
+                 max_queue: int = 256, max_total_tokens: int | None = None, prefix_cache_gb: float = 1.0,
+                 kv_bits: int | None = None, kv_group_size: int = 64):
         self.model, self.tokenizer = model, tokenizer
         self.model_id, self.model_path = model_id, Path(model_path)
         self.group, self.control = group, control
@@ -108,6 +122,17 @@ class Engine:
         self.created = int(time.time())
         self.gen = BatchGenerator(model, prefill_step_size=prefill_step, completion_batch_size=self.max_num_seqs,
                                   prefill_batch_size=min(8, self.max_num_seqs))
+        self.prefill_step = max(1, prefill_step)
+        self._chunk = min(self.prefill_step, 256)  # grows while steps stay short (_size_chunk)
+        self.kv_bits, self.kv_group_size = kv_bits, kv_group_size
+        self._make_cache = kv_quant.cache_factory(model, kv_bits, kv_group_size)  # ValueError: cannot quantize
+        # The prefix cache: the index on rank 0 (sized once the loops start: it needs every
+        # rank's KV bytes per token), this rank's KV of each entry everywhere.
+        self.prefix_cache_bytes = round(max(0.0, prefix_cache_gb) * GB) if prefixable(self._make_cache()) else 0
+        self.kv_bytes_per_token = 0  # this rank's, measured when the loop starts
+        self.index: PrefixIndex | None = None
+        self.store = KVStore()
+        self._gen_finished: dict[int, list] = {}  # uid -> caches of sequences the generator ended this step
         eos = list(getattr(tokenizer, "eos_token_ids", None) or [])
         self._stop_eos = StopSequences([[t] for t in eos]) if eos else StopSequences(None)
         self._stop_none = StopSequences(None)
@@ -120,6 +145,7 @@ class Engine:
         self._new_handles: list[RequestHandle] = []
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.stats = StepStats()  # step times for /metrics (runtime/stepstats.py)
 
     # -- rank 0: API side (any thread) ---------------------------------------------------
     def submit(self, req: GenerationRequest, loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
@@ -202,7 +228,7 @@ class Engine:
         """Rank 0: wait for work, then return this step's decision. Requests join in arrival
         order while they fit (admission above); the first that does not fit waits, and so does
         everyone behind it, so a long request is never starved by short ones."""
-        removes = []
+        removes, leaving = [], []
         with self._cv:
             while not (self._pending or self._stopping or any(not lv.finished for lv in self._live.values())):
                 self._cv.wait()
@@ -211,10 +237,12 @@ class Engine:
             for uid, lv in list(self._live.items()):
                 if lv.finished:
                     removes.append(uid)
+                    leaving.append(lv)
                     del self._live[uid]
                 elif lv.handle.cancelled.is_set():
                     self._finish(lv, "cancelled")
                     removes.append(uid)
+                    leaving.append(lv)
                     del self._live[uid]
             running = len(self._live)
             reserved = sum(lv.handle.request.kv_tokens for lv in self._live.values())
@@ -223,9 +251,11 @@ class Engine:
                                                       or self._fits(self._pending[0], running, reserved)):
                 h = self._pending.pop(0)
                 new.append(h)
+                h.admitted_at = time.monotonic()  # queue time (runtime/api/metrics.py)
                 if not h.cancelled.is_set():
                     running += 1
                     reserved += h.request.kv_tokens
+        keep, evict = self._keep(leaving) if self.index is not None and not stopping else ([], [])
         inserts = []
         for h in new:
             if h.cancelled.is_set():
@@ -233,22 +263,58 @@ class Engine:
                 continue
             p = h.request.params
             seed = p.seed if p.seed is not None else random.getrandbits(31)
-            inserts.append(Insert(h.request.prompt_tokens, p.max_tokens, p.temperature, p.top_p, p.top_k,
-                                  seed, eos=not p.ignore_eos, grammar=p.grammar))
+            prompt = h.request.prompt_tokens
+            entry, cached = self.index.lookup(prompt) if self.index is not None else (-1, 0)
+            self.stats.prefix_lookup(len(prompt), cached, self.index is not None)
+            inserts.append(Insert(prompt[cached:], p.max_tokens, p.temperature, p.top_p, p.top_k,
+                                  seed, eos=not p.ignore_eos, grammar=p.grammar, entry=entry, cached=cached))
             self._new_handles.append(h)
         step = not stopping and (bool(inserts) or bool(self._live))
-        return StepDecision(inserts, removes, step=step, stop=stopping)
+        return StepDecision(inserts, removes, step=step, stop=stopping, keep=keep, evict=evict,
+                            prefill=self._chunk)
+
+    def _keep(self, leaving: list[_Live]) -> tuple[list[list[int]], list[int]]:
+        """Rank 0: which leaving sequences the prefix cache keeps, and what that evicts. Only a
+        sequence whose prefill completed (it has produced a token) holds a whole prompt's KV; a
+        request cancelled or failed mid-prefill leaves nothing behind. The cache holds the
+        prompt and every generated token but the last (its KV was never computed, or not by
+        every path), which is also what the next turn of a conversation starts with."""
+        keep, evict = [], []
+        for lv in leaving:
+            if lv.completion == 0:
+                continue
+            tokens = lv.handle.request.prompt_tokens + lv.generated[:lv.completion - 1]
+            if self.index.covers(tokens):
+                continue
+            eid, dropped = self.index.add(tokens)
+            evict += dropped
+            if eid >= 0:
+                keep.append([lv.uid, eid, len(tokens)])
+        return keep, evict
 
     def _apply(self, d: StepDecision) -> list[int]:
-        """Every rank: the same inserts and removals, in the same order."""
+        """Every rank: the same keeps, evictions, removals and inserts, in the same order."""
+        for uid, eid, n in d.keep:
+            caches = self._gen_finished.get(uid)
+            if caches is None:  # still in the batch (a stop string, a cancel): copy it out first
+                caches = self.gen.extract_cache([uid])[uid][0]
+            self.store.keep(eid, caches, n)
+        self._gen_finished.clear()
+        for eid in d.evict:
+            self.store.drop(eid)
         if d.removes:
             self.gen.remove(d.removes)
+        if d.prefill:
+            # The chunk rank 0 chose for this step, on every rank alike: the generator slices each
+            # prompt by its own size and its prompt batch chunks by the batch's.
+            self.gen.prefill_step_size = self.gen._prompt_batch.prefill_step_size = d.prefill
         uids = []
         if d.inserts:
             ins = d.inserts
             uids = self.gen.insert(
                 [i.tokens for i in ins],
                 max_tokens=[i.max_tokens for i in ins],
+                caches=[self.store.restore(i.entry, i.cached) if i.cached else self._make_cache() for i in ins],
                 samplers=[make_sampler(i.temperature, i.top_p, i.top_k, i.seed) for i in ins],
                 stop_sequences=[self._stop_eos if i.eos else self._stop_none for i in ins],
                 logits_processors=[[constrain.logits_processor(i.grammar, self.tokenizer)] if i.grammar else []
@@ -258,6 +324,7 @@ class Engine:
 
     # -- loops -------------------------------------------------------------------------
     def run_leader(self) -> None:
+        self._measure_kv()
         self.ready = True
         try:
             while True:
@@ -267,14 +334,21 @@ class Engine:
                     self.control.broadcast(d.encode())
                 uids = self._apply(d)
                 with self._cv:
-                    for uid, h in zip(uids, self._new_handles):
-                        self._live[uid] = _Live(h, uid, self._detokenizer(), list(h.request.params.stop))
+                    for uid, h, ins in zip(uids, self._new_handles, d.inserts):
+                        self._live[uid] = _Live(h, uid, self._detokenizer(), list(h.request.params.stop),
+                                                cached=ins.cached)
                 if d.stop:
                     self._close_open("the server is shutting down")
                     break
                 if d.step:
+                    t = time.perf_counter()
+                    c = self.gen._counters
+                    before = c.prompt_time, c.prompt_tokens
                     _, responses = self.gen.next()
+                    self.stats.step(time.perf_counter() - t)
                     self.steps += 1
+                    self._hold_finished(responses)
+                    self._size_chunk(c.prompt_time - before[0], c.prompt_tokens - before[1])
                     self._dispatch(responses)
         except Exception as e:  # a lost peer surfaces here as an mlx or socket error
             log.exception("engine step failed")
@@ -285,15 +359,60 @@ class Engine:
 
     def run_follower(self, recv) -> None:
         """recv() returns the next encoded StepDecision from rank 0."""
+        self._measure_kv()
         self.ready = True
+        busy = False
         while True:
+            t0 = time.perf_counter()
             d = StepDecision.decode(recv())
             self._apply(d)
             if d.stop:
                 return
             if d.step:
-                self.gen.next()
+                t = time.perf_counter()
+                self._hold_finished(self.gen.next()[1])
+                self.stats.step(time.perf_counter() - t, waited=t - t0 if busy else 0.0)
                 self.steps += 1
+            busy = d.step
+
+    def _hold_finished(self, responses) -> None:
+        """Every rank: the caches of sequences the generator ended this step, until the next
+        decision says which of them the prefix cache keeps."""
+        if self.prefix_cache_bytes:
+            for r in responses:
+                if r.finish_reason is not None and r.prompt_cache is not None:
+                    self._gen_finished[r.uid] = r.prompt_cache
+
+    def _size_chunk(self, prefill_s: float, tokens: int) -> None:
+        """Rank 0: the next prefill chunk, so that a step's prefill takes about
+        PREFILL_CHUNK_SECONDS (never more than prefill_step tokens per sequence)."""
+        if prefill_s <= 0:
+            return
+        want = self._chunk * PREFILL_CHUNK_SECONDS / prefill_s
+        want = min(self.prefill_step, max(MIN_PREFILL_CHUNK, int(want)))
+        if want < self._chunk:
+            self._chunk = want  # shrink at once
+        elif tokens >= self._chunk:
+            # Grow gently, and only on a step that filled a chunk: short prompts say nothing
+            # about how long a full chunk of a long one takes.
+            self._chunk = min(want, self._chunk * 2)
+
+    def _measure_kv(self) -> None:
+        """Every rank, once, before the first step (all ranks run it, so its collectives
+        match): this rank's KV bytes per token, from one token through a fresh cache; then the
+        largest over the ranks sizes rank 0's prefix cache index in tokens."""
+        caches = self._make_cache()
+        with mx.stream(generation_stream):
+            self.model(mx.array([[0]]), cache=caches)
+            mx.eval([c.state for c in caches if not c.empty()])
+            self.kv_bytes_per_token = sum(cut(c, 1).nbytes for c in caches if not c.empty())
+            worst = self.kv_bytes_per_token
+            if self.group.size() > 1:
+                mine = mx.zeros((self.group.size(),), dtype=mx.float32)
+                mine[self.rank] = float(self.kv_bytes_per_token)
+                worst = int(mx.distributed.all_sum(mine, group=self.group).max().item())
+        if self.rank == 0 and self.prefix_cache_bytes and worst > 0:
+            self.index = PrefixIndex(self.prefix_cache_bytes // worst)
 
     # -- rank 0: turning tokens into events -------------------------------------------
     def _detokenizer(self):
@@ -310,6 +429,7 @@ class Engine:
             if lv is None or lv.finished:
                 continue  # stopped by text or cancelled; its removal is in the next decision
             lv.completion += 1
+            lv.generated.append(r.token)
             p = lv.handle.request.params
             logprob = top = None
             if p.logprobs:
@@ -334,7 +454,7 @@ class Engine:
     def _finish(self, lv: _Live, reason: str, tail: str = "", stop_string: str | None = None) -> None:
         lv.finished = True
         lv.handle.push(FinishEvent(reason, len(lv.handle.request.prompt_tokens), lv.completion,
-                                   text=tail, stop_string=stop_string))
+                                   text=tail, stop_string=stop_string, cached_tokens=lv.cached))
 
     @staticmethod
     def _find_stop(lv: _Live, text: str) -> tuple[str | None, int]:

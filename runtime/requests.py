@@ -67,6 +67,7 @@ class FinishEvent:
     text: str = ""  # any text held back until the end (flushed detokenizer tail)
     stop_string: str | None = None  # the stop string that ended generation, if any
     error: str | None = None
+    cached_tokens: int = 0  # of prompt_tokens, how many the prefix cache served (no prefill)
 
 
 Event = TokenEvent | FinishEvent
@@ -82,6 +83,7 @@ class RequestHandle:
         self.request = request
         self.id = request.id or f"req-{next(_ids)}"
         self.cancelled = threading.Event()
+        self.admitted_at: float | None = None  # monotonic time the engine let it join the batch
         self._loop = loop
         self._aq: asyncio.Queue | None = asyncio.Queue() if loop else None
         self._sync: list[Event] = []

@@ -21,7 +21,7 @@ import psutil
 import pytest
 
 from launcher.ports import free_data_port
-from runtime import contract, control
+from runtime import contract, control, decision
 from runtime.decision import Insert, StepDecision
 from tests.launch_helpers import ServingCluster, free_port
 
@@ -298,8 +298,9 @@ def test_a_rank_refused_at_the_control_channel_ends_the_job(model_cache):
     def claim_rank_1():
         secret, sock, _ = _first_at_control_port(data_port)
         n0, n1 = _read_frame(sock)["nonce"], "d" * 32
-        control._send(sock, {"rank": 1, "version": 1, "nonce": n1,
-                             "mac": control._mac(secret, "hello", n0, n1, 1, 1)})
+        v = decision.VERSION  # the claimant speaks the job's step-message version
+        control._send(sock, {"rank": 1, "version": v, "nonce": n1,
+                             "mac": control._mac(secret, "hello", n0, n1, 1, v)})
         claimed["answer"], claimed["sock"] = _read_frame(sock), sock
 
     t = threading.Thread(target=claim_rank_1, daemon=True)

@@ -1,0 +1,200 @@
+"""Quantized KV cache with continuous batching (--kv-bits 8|4, --kv-group-size).
+
+mlx-lm 0.32 quantizes KV only for one sequence (QuantizedKVCache; mlx_lm.server turns batching
+off with --kv-bits). Its BatchGenerator batches any per-layer cache whose class can `merge`
+sequences into a batch cache that can filter, extend, extract, prepare and finalize, so this
+module adds that pair: `SeqQuantizedKVCache` (one sequence; what a request starts with and what
+the prefix cache stores) and `BatchQuantizedKVCache` (BatchKVCache's left-padded layout, with each
+of keys and values held as mx.quantize's (packed, scales, biases) triple). mlx-lm's attention
+already dispatches on the cache's `bits` to its quantized kernel, under tensor parallelism too
+(each rank quantizes its own KV heads).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx.utils import tree_map
+from mlx_lm.models.cache import BatchKVCache, KVCache, QuantizedKVCache, dynamic_roll, make_prompt_cache
+
+BITS = (4, 8)
+GROUP_SIZES = (32, 64, 128)
+
+
+def check(bits: int | None, group_size: int) -> None:
+    """Refuse values mlx.quantize does not take, naming the flag (a ValueError)."""
+    if bits is not None and bits not in BITS:
+        raise ValueError(f"--kv-bits {bits}: expected 8 or 4 (or leave it out for float KV)")
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"--kv-group-size {group_size}: expected 32, 64 or 128")
+
+
+def cache_factory(model, bits: int | None, group_size: int = 64):
+    """A function making one sequence's fresh per-layer caches: the model's own, or quantized
+    ones when `bits` is set (only for models whose every layer is plain attention)."""
+    check(bits, group_size)
+    if bits is None:
+        return lambda: make_prompt_cache(model)
+    if not all(type(c) is KVCache for c in make_prompt_cache(model)):
+        raise ValueError("--kv-bits: this model's cache is not plain attention KV in every layer "
+                         "(sliding windows or recurrent state); run it without --kv-bits")
+    args = getattr(model, "args", None)
+    heads = getattr(args, "num_attention_heads", 0)
+    head_dim = getattr(args, "head_dim", None) or (getattr(args, "hidden_size", 0) // heads if heads else 0)
+    if head_dim and not getattr(args, "kv_lora_rank", None) and head_dim % group_size:
+        fits = [g for g in GROUP_SIZES if head_dim % g == 0]
+        raise ValueError(f"--kv-group-size {group_size} does not divide the model's head size {head_dim}: "
+                         + (f"use --kv-group-size {fits[-1]}" if fits else "this model's KV cannot be quantized"))
+    return lambda: [SeqQuantizedKVCache(group_size, bits) for _ in model.layers]
+
+
+class SeqQuantizedKVCache(QuantizedKVCache):
+    """One sequence's quantized KV, mergeable into a BatchQuantizedKVCache."""
+
+    def size(self):
+        return self.offset
+
+    @classmethod
+    def merge(cls, caches):
+        return BatchQuantizedKVCache.merge(caches)
+
+
+def _pad_seq(x: mx.array, left: int, right: int) -> mx.array:
+    return mx.pad(x, [(0, 0), (0, 0), (left, right), (0, 0)]) if left or right else x
+
+
+class BatchQuantizedKVCache(BatchKVCache):
+    """BatchKVCache's layout and bookkeeping (left padding, offsets, _idx); keys and values are
+    (packed uint32, scales, biases) triples along the same sequence axis."""
+
+    def __init__(self, left_padding, group_size: int = 64, bits: int = 8):
+        super().__init__(left_padding)
+        self.group_size, self.bits = group_size, bits
+
+    def _alloc(self, B, H, n, dim, dtype):
+        per_int = 32 // self.bits
+        return (mx.zeros((B, H, n, dim // per_int), dtype=mx.uint32),
+                mx.zeros((B, H, n, dim // self.group_size), dtype=dtype),
+                mx.zeros((B, H, n, dim // self.group_size), dtype=dtype))
+
+    def update_and_fetch(self, keys, values):
+        prev = self._idx
+        B, H, n, dk = keys.shape
+        if self.keys is None or prev + n > self.keys[0].shape[2]:
+            steps = (self.step + n - 1) // self.step * self.step
+            new_k = self._alloc(B, H, steps, dk, keys.dtype)
+            new_v = self._alloc(B, H, steps, values.shape[3], values.dtype)
+            if self.keys is not None:
+                self.keys, self.values = tree_map(lambda x, y: mx.concatenate([x[..., :prev, :], y], axis=2),
+                                                  (self.keys, self.values), (new_k, new_v))
+            else:
+                self.keys, self.values = new_k, new_v
+        self.offset = self.offset + n
+        self._idx += n
+        qk = mx.quantize(keys, group_size=self.group_size, bits=self.bits)
+        qv = mx.quantize(values, group_size=self.group_size, bits=self.bits)
+        for i in range(3):
+            self.keys[i][..., prev:self._idx, :] = qk[i]
+            self.values[i][..., prev:self._idx, :] = qv[i]
+        return self.keys_and_values()
+
+    def keys_and_values(self):
+        return tree_map(lambda x: x[..., :self._idx, :], (self.keys, self.values))
+
+    def finalize(self):
+        if self._right_padding is not None:
+            padding = self._right_padding
+            self.keys, self.values = tree_map(lambda x: dynamic_roll(x, padding[:, None], axis=2),
+                                              (self.keys, self.values))
+            self.offset = self.offset - padding
+            self.left_padding += padding
+            self._right_padding = None
+
+    def filter(self, batch_indices):
+        if self.keys is not None:
+            self.keys, self.values = tree_map(lambda x: x[batch_indices], (self.keys, self.values))
+        self.offset = self.offset[batch_indices]
+        self.left_padding = self.left_padding[batch_indices]
+        min_left_pad = min(self.left_padding.tolist())
+        if min_left_pad > 0:
+            if self.keys is not None:
+                self.keys, self.values = tree_map(lambda x: x[..., min_left_pad:, :], (self.keys, self.values))
+            self._idx -= min_left_pad
+            self.left_padding -= min_left_pad
+
+    def extend(self, other):
+        if self.keys is None and other.keys is None:
+            self.left_padding = mx.concatenate([self.left_padding, other.left_padding])
+            self.offset = mx.concatenate([self.offset, other.offset])
+            return
+        max_idx = max(self._idx, other._idx)
+        full = next(c for c in (self, other) if c.keys is not None)
+        max_size = max(c.keys[0].shape[2] for c in (self, other) if c.keys is not None)
+
+        def pad(c):
+            if c.keys is None:  # a batch with no KV yet: empty triples shaped like the other's
+                Bc = c.offset.shape[0]
+                k, v = tree_map(lambda x: mx.zeros((Bc, x.shape[1], 0, x.shape[3]), x.dtype), (full.keys, full.values))
+            else:
+                k, v = c.keys, c.values
+            left = max_idx - c._idx
+            right = max_size - k[0].shape[2] - left
+            if right < 0:
+                k, v = tree_map(lambda x: x[..., :right, :], (k, v))
+                right = 0
+            k, v = tree_map(lambda x: _pad_seq(x, left, right), (k, v))
+            return k, v, c.offset, c.left_padding + left
+
+        (k1, v1, o1, l1), (k2, v2, o2, l2) = pad(self), pad(other)
+        cat = lambda a, b: mx.concatenate([a, b])  # noqa: E731
+        self.keys, self.values = tree_map(cat, (k1, v1), (k2, v2))
+        self.offset, self.left_padding = cat(o1, o2), cat(l1, l2)
+        self._idx = max_idx
+
+    def extract(self, idx):
+        cache = SeqQuantizedKVCache(self.group_size, self.bits)
+        padding = self.left_padding.tolist()[idx]
+        cache.keys, cache.values = tree_map(lambda x: mx.contiguous(x[idx:idx + 1, :, padding:self._idx]),
+                                            (self.keys, self.values))
+        cache.offset = self._idx - padding
+        return cache
+
+    @classmethod
+    def merge(cls, caches):
+        lengths = [c.size() for c in caches]
+        first = caches[0]
+        max_length = max(lengths)
+        if max_length == 0:
+            return cls([0] * len(caches), first.group_size, first.bits)
+        padding = [max_length - n for n in lengths]
+        full = next(c for c in caches if c.keys is not None)
+        B = len(caches)
+
+        def zeros_like(x):
+            return mx.zeros((B, x.shape[1], max_length, x.shape[3]), dtype=x.dtype)
+
+        keys, values = tree_map(zeros_like, (full.keys, full.values))
+        for i, (p, c) in enumerate(zip(padding, caches)):
+            if c.keys is None:
+                continue
+            for j in range(3):
+                keys[j][i:i + 1, :, p:p + c.offset] = c.keys[j][..., :c.offset, :]
+                values[j][i:i + 1, :, p:p + c.offset] = c.values[j][..., :c.offset, :]
+        cache = cls(padding, first.group_size, first.bits)
+        cache.keys, cache.values = keys, values
+        cache.offset += max_length
+        cache._idx = max_length
+        return cache
+
+    @property
+    def state(self):
+        return self.keys, self.values, self.offset, self.left_padding, self._idx
+
+    @state.setter
+    def state(self, v):
+        self.keys, self.values, self.offset, self.left_padding, self._idx = v
+
+    @property
+    def nbytes(self):
+        if self.keys is None:
+            return 0
+        return sum(x.nbytes for x in (*self.keys, *self.values))
