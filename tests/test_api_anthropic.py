@@ -384,8 +384,8 @@ def test_errors_have_anthropic_shape(client, server):
         _assert_error(h.post("/v1/messages/count_tokens", json={"model": MODEL}), 400,
                       "invalid_request_error")
         # prompt too long for the context: 400, as Anthropic says "prompt is too long"
-        r = h.post("/v1/messages", json={"model": MODEL, "messages": USER,
-                                         "max_tokens": 10**6})
+        r = h.post("/v1/messages", json={"model": MODEL, "max_tokens": 4, "messages": [
+            {"role": "user", "content": "river mountain " * 4096}]})
         _assert_error(r, 400, "invalid_request_error")
         # unknown fields and the anthropic headers are fine
         r = h.post("/v1/messages", json={"model": MODEL, "messages": USER, "max_tokens": 1,

@@ -99,7 +99,7 @@ def test_string_input(client, tok):
     assert 1 <= r.usage.output_tokens <= 6
     assert r.usage.total_tokens == expected + r.usage.output_tokens
     assert r.temperature == 0 and r.max_output_tokens == 6 and r.tool_choice == "auto"
-    assert r.tools == [] and r.text.format.type == "text" and r.store is False
+    assert r.tools == [] and r.text.format.type == "text" and r.store is True  # stored by default
     assert r.error is None and r.created_at > 0
 
 
@@ -435,7 +435,7 @@ def test_raw_body_errors_and_unknown_fields(server):
                                            "store": True, "reasoning": {"effort": "low"},
                                            "some_future_field": [1]})
         assert r.status_code == 200, r.text
-        assert r.json()["store"] is False
+        assert r.json()["store"] is True
         # raw SSE framing: `event: NAME` lines matching each data's type
         with h.stream("POST", "/v1/responses", json={"model": MODEL, "input": "hi",
                                                       "max_output_tokens": 2,

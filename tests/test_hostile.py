@@ -334,7 +334,7 @@ def test_chunked_body_over_the_limit(cluster):
 ROUTES = {  # path -> the methods it answers
     CHAT: {"POST"}, CMPL: {"POST"}, "/v1/models": {"GET", "HEAD"},
     "/v1/models/demo-llama": {"GET", "HEAD"}, RESP: {"POST"},
-    "/v1/responses/resp_1": {"GET", "HEAD"}, MSGS: {"POST"}, MSGS + "/count_tokens": {"POST"},
+    "/v1/responses/resp_1": {"GET", "HEAD", "DELETE"}, MSGS: {"POST"}, MSGS + "/count_tokens": {"POST"},
     OCHAT: {"POST"}, GEN: {"POST"}, "/api/tags": {"GET", "HEAD"}, "/api/show": {"POST"},
     "/api/ps": {"GET", "HEAD"}, "/api/version": {"GET", "HEAD"}, "/": {"GET", "HEAD"},
     "/health": {"GET", "HEAD"}, "/ready": {"GET", "HEAD"}, "/openapi.json": {"GET", "HEAD"},

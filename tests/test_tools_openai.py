@@ -157,7 +157,6 @@ def test_bad_tool_requests_are_400(client):
         dict(tools=[{"type": "retrieval"}]),
         dict(tools=[{"type": "function", "function": {"description": "no name"}}]),
         dict(tool_choice="required"),
-        dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}),
         dict(tools=[{"type": "function", "function": {"name": "f", "parameters": {"type": "strng"}}}],
              tool_choice="required"),
     ]

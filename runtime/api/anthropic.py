@@ -4,7 +4,9 @@ Wire request -> chat messages (system, text, tool_use, tool_result) -> the chat 
 (with the tools) -> SamplingParams (+ a grammar when tool_choice forces a tool) ->
 `Serving.submit` -> events -> Anthropic's message object, or its named SSE events.
 
-Request fields: model (required), max_tokens (required, >= 1), messages (role user|assistant;
+Request fields: model (required), max_tokens (required, >= 1; more than the context leaves
+beside the prompt is clamped to what it leaves, see core.output_budget), messages (role
+user|assistant, or system: a mid-conversation instruction, kept in place;
 content a string or blocks: text, tool_use (assistant), tool_result (user; content a string or
 text blocks; is_error prefixes "Error: "), thinking / redacted_thinking (dropped); image and
 document blocks are a 400 (text-only models)), system (string or text blocks), stop_sequences
@@ -13,7 +15,8 @@ least 1e-6), top_p (0..1; 0 = greedy), top_k (>= the vocabulary means off),
 tools (custom tools: name, description, input_schema; server tools are a 400), tool_choice
 ({"type": "auto"|"any"|"tool"|"none", "name"}; "any" and "tool" are enforced with
 constrained decoding, so `input` always validates against `input_schema`), output_config.format
-({"type": "json_schema", "schema"}: the text is JSON valid for the schema, also constrained),
+({"type": "json_schema", "schema"}: the text is JSON valid for the schema, also constrained;
+a tool_choice that forces a tool wins over it, as in the other dialects),
 stream.
 metadata, thinking, service_tier and any unknown field are accepted and ignored; so are the
 `anthropic-version` and `anthropic-beta` headers. A final assistant message is a prefill: the
@@ -56,7 +59,7 @@ from ..requests import FinishEvent, SamplingParams
 from . import tools as toolkit
 from .body import JSONRoute
 from .core import (
-    StopList, StrictBody, reply, request_grammar, sampling, split_events, stop_strings,
+    StopList, StrictBody, output_budget, reply, request_grammar, sampling, split_events, stop_strings,
 )
 from .errors import APIError, bad_request, register_error_format
 from .generation import Serving
@@ -106,7 +109,7 @@ register_error_format(PREFIX, render_error)
 
 
 class Message(StrictBody):
-    role: Literal["user", "assistant"]
+    role: Literal["user", "assistant", "system"]  # system: mid-conversation instructions
     content: str | list[dict[str, Any]]
 
 
@@ -221,6 +224,9 @@ def chat_messages(body: _Shared) -> tuple[list[dict], str | None]:
     last = len(body.messages) - 1
     for i, m in enumerate(body.messages):
         where = f"messages[{i}].content"
+        if m.role == "system":  # kept in place; render_chat folds it for templates that refuse
+            out.append({"role": "system", "content": _text_of(m.content, where)})
+            continue
         if isinstance(m.content, str):
             if m.role == "assistant" and i == last:
                 prefill = m.content
@@ -295,8 +301,12 @@ def prepare(serving: Serving, body: _Shared, *, with_grammar: bool) -> Prepared:
     if tools:
         kwargs["tools"] = toolkit.template_tools(tools)
     ctx = serving.context_length
+    if all(m.role == "system" for m in body.messages):
+        raise bad_request("messages: at least one user message is required (system messages "
+                          "alone are not a conversation)", "messages")
     if messages:
-        tokens = render_chat(tok, messages, context_length=ctx, **kwargs)
+        tokens = render_chat(tok, messages, context_length=ctx, calls_allowed=setup.active,
+                             **kwargs)
     elif prefill:  # only a prefill: treat it as a plain prompt
         tokens, prefill = encode_text(tok, prefill, param="messages", context_length=ctx), None
     else:
@@ -306,9 +316,6 @@ def prepare(serving: Serving, body: _Shared, *, with_grammar: bool) -> Prepared:
     fmt = _output_format(body)
     if not with_grammar:
         return Prepared(tokens, setup)
-    if setup.forced and fmt is not None:
-        raise bad_request("output_config.format: cannot be combined with a tool_choice "
-                          "that forces a tool", "output_config.format")
     fmt_grammar = None if fmt is None else constrain.json_schema(fmt)
     return Prepared(tokens, setup,
                     request_grammar(tok, setup, fmt_grammar, "output_config.format.schema"))
@@ -331,9 +338,11 @@ def _output_format(body: _Shared) -> dict | None:
     return fmt["schema"]
 
 
-def _params(body: MessagesRequest, grammar: dict | None) -> SamplingParams:
+def _params(request: Request, serving: Serving, body: MessagesRequest, prompt_len: int,
+            grammar: dict | None) -> SamplingParams:
     temperature, top_p = sampling(body.temperature, body.top_p)
-    return SamplingParams(max_tokens=body.max_tokens, temperature=temperature, top_p=top_p,
+    max_tokens = output_budget(request, serving, body.max_tokens, prompt_len, "max_tokens")
+    return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                           top_k=body.top_k or 0,
                           stop=stop_strings(body.stop_sequences, "stop_sequences"),
                           grammar=grammar)
@@ -342,14 +351,6 @@ def _params(body: MessagesRequest, grammar: dict | None) -> SamplingParams:
 # ------------------------------------------------------------------------------------------------
 # Events -> content blocks (one assembler for both the stream and the final message)
 # ------------------------------------------------------------------------------------------------
-
-
-def _tool_input(call: toolkit.ToolCall) -> dict[str, Any]:
-    try:
-        value = json.loads(call.arguments) if call.arguments else {}
-    except (TypeError, ValueError):
-        value = None
-    return value if isinstance(value, dict) else {"arguments": call.arguments}
 
 
 class Blocks:
@@ -402,7 +403,7 @@ class Blocks:
         out = [self._stop()] if self.open else []
         self.pending = ""
         self.tool_uses += 1
-        value = _tool_input(call)
+        value = call.input()  # a call cut by max_tokens: what parses of it
         block = {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call.name,
                  "input": value}
         out.append(self._start(block))
@@ -437,9 +438,11 @@ def stop_reason(fin: FinishEvent | None, blocks: Blocks) -> tuple[str, str | Non
     return "end_turn", None
 
 
-def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
-    return {"input_tokens": input_tokens, "output_tokens": output_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+def _usage(prompt_tokens: int, output_tokens: int, cached: int = 0) -> dict[str, Any]:
+    """Anthropic counts input_tokens apart from the tokens read from the cache (they add up to
+    the prompt); exolaunch's prefix cache is automatic, so nothing is ever "created" on request."""
+    return {"input_tokens": prompt_tokens - cached, "output_tokens": output_tokens,
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,7 +454,7 @@ def _usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
 async def messages(request: Request, body: MessagesRequest):
     serving, model = Serving.admit(request, body.model)
     prep = await serving.run_sync(prepare, serving, body, with_grammar=True)
-    params = _params(body, prep.grammar)
+    params = _params(request, serving, body, len(prep.tokens), prep.grammar)
     mid = f"msg_{uuid.uuid4().hex[:24]}"
     gen = await serving.submit([(prep.tokens, params)], mid, prompt_param="messages",
                                names={"stop": "stop_sequences"})
@@ -474,11 +477,12 @@ async def messages(request: Request, body: MessagesRequest):
                 for chunk in blocks.finish():
                     yield chunk
 
-    def ending(blocks: Blocks) -> tuple[str, str | None, int, int]:
-        """stop_reason, stop_sequence, input and output tokens."""
+    def ending(blocks: Blocks) -> tuple[str, str | None, dict[str, Any]]:
+        """stop_reason, stop_sequence and the usage."""
         fin = blocks.fin
-        return (*stop_reason(fin, blocks), fin.prompt_tokens if fin and fin.prompt_tokens else n_in,
-                fin.completion_tokens if fin else 0)
+        return (*stop_reason(fin, blocks), _usage(fin.prompt_tokens if fin and fin.prompt_tokens else n_in,
+                                                  fin.completion_tokens if fin else 0,
+                                                  fin.cached_tokens if fin else 0))
 
     async def stream() -> AsyncIterator[bytes]:
         blocks = Blocks()
@@ -487,18 +491,17 @@ async def messages(request: Request, body: MessagesRequest):
         yield sse_event("ping", {"type": "ping"})
         async for chunk in run(blocks):
             yield chunk
-        reason, seq, n_prompt, n_out = ending(blocks)
+        reason, seq, usage = ending(blocks)
         yield sse_event("message_delta", {
-            "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq},
-            "usage": {"input_tokens": n_prompt, "output_tokens": n_out}})
+            "type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": seq}, "usage": usage})
         yield sse_event("message_stop", {"type": "message_stop"})
 
     async def collect() -> dict[str, Any]:
         blocks = Blocks()
         async for _ in run(blocks):
             pass
-        reason, seq, n_prompt, n_out = ending(blocks)
-        return message(blocks.content, reason, seq, _usage(n_prompt, n_out))
+        reason, seq, usage = ending(blocks)
+        return message(blocks.content, reason, seq, usage)
 
     # A failure after the stream started is one `error` event, and the stream ends there.
     return await reply(request, gen, bool(body.stream), stream, collect,

@@ -1,10 +1,11 @@
 """What every dialect does alike between its wire format and `Serving`, written once.
 
     StrictBody          base of the strictly typed request bodies (unknown fields allowed)
-    sampling, seed_for, stop_strings, max_tokens_or_rest
+    sampling, seed_for, stop_strings, output_budget
                         the sampling rules every dialect shares (top_p 0 = greedy, seeds
                         mod 2**63, stop strings within limits.MAX_STOP / MAX_STOP_CHARS,
-                        default max_tokens); the bounds themselves are runtime/api/limits.py,
+                        max_tokens: default the rest of the context, clamped to it); the
+                        bounds themselves are runtime/api/limits.py,
                         enforced for every dialect at `Serving.submit`
     checked_grammar, request_grammar
                         grammars refused up front with a 400 naming the field
@@ -28,10 +29,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from .. import constrain
+from . import access
 from ..requests import FinishEvent, TokenEvent
 from .errors import APIError, bad_request, internal
 from .generation import Generation, Serving, cancel_on_disconnect
-from .limits import MAX_STOP, MAX_STOP_CHARS, SEED_MAX, SEED_MIN, SEED_MOD, check_stops
+from .limits import (
+    MAX_REQUEST_TOKENS, MAX_STOP, MAX_STOP_CHARS, SEED_MAX, SEED_MIN, SEED_MOD, check_stops,
+)
 from .prompt import TokenText
 from .sse import EventStreamResponse
 from .tools import Splitter, ToolItem, ToolSetup, forced_grammar
@@ -80,10 +84,31 @@ def stop_strings(stop: Any, param: str) -> list[str]:
     return [s for s in check_stops(stops, param) if s]
 
 
-def max_tokens_or_rest(max_tokens: int | None, prompt_len: int, serving: Serving) -> int:
-    """Without max_tokens a request may use the rest of the context (at least 1, so that a
-    prompt that fills it gets the engine's "too long" error with the numbers)."""
-    return max(1, serving.context_length - prompt_len) if max_tokens is None else max_tokens
+def output_budget(request: Request, serving: Serving, max_tokens: int | None, prompt_len: int,
+                  param: str) -> int:
+    """The max_tokens the engine gets. None: the rest of the context. More than the context
+    leaves beside the prompt: what it leaves (as Ollama and LM Studio do; agents such as Claude
+    Code ask for 32000 whatever the model), so the answer may end with the dialect's length
+    reason; the clamp is logged and told in a response header (runtime/api/access.py). With
+    `--strict-max-tokens` that is a 400 instead. At least 1, so that a prompt that fills the
+    context gets the engine's "too long" error with the numbers."""
+    room = max(1, serving.context_length - prompt_len)
+    if max_tokens is None:
+        return room
+    if max_tokens > MAX_REQUEST_TOKENS:  # not a budget but garbage: say so rather than clamp
+        raise APIError(400, f"{param}: {max_tokens} is more than any context holds (at most "
+                       f"{MAX_REQUEST_TOKENS})", "invalid_request_error", param,
+                       "context_length_exceeded")
+    if max_tokens <= room or prompt_len >= serving.context_length:
+        return max_tokens
+    if getattr(request.app.state, "strict_max_tokens", False):
+        raise APIError(400, f"{param}: {max_tokens} tokens do not fit beside the prompt's "
+                       f"{prompt_len} in the model's context of {serving.context_length} (at "
+                       f"most {room})", "invalid_request_error", param, "context_length_exceeded")
+    log.info("%s %d clamped to %d: the prompt has %d tokens of the context's %d", param,
+             max_tokens, room, prompt_len, serving.context_length)
+    access.note(request, clamp=(max_tokens, room))
+    return room
 
 
 # ------------------------------------------------------------------------------------------------
@@ -104,8 +129,7 @@ def checked_grammar(tokenizer, grammar: dict | None, param: str) -> dict | None:
 
 def request_grammar(tokenizer, setup: ToolSetup, fmt: dict | None, fmt_param: str) -> dict | None:
     """The grammar a request decodes under, checked: a forced tool call's (it wins over an
-    output format: the output is the call), else the format's. A dialect that refuses both
-    at once says so before calling this."""
+    output format in every dialect: the output is the call), else the format's."""
     if not setup.forced:
         return checked_grammar(tokenizer, fmt, fmt_param)
     try:
@@ -162,17 +186,20 @@ def token_logprob(tt: TokenText, ev: TokenEvent, k: int) -> dict[str, Any]:
 OnError = Callable[[APIError], Iterable[bytes]]
 
 
-async def guard(chunks: AsyncIterator[bytes], on_error: OnError, path: str) -> AsyncIterator[bytes]:
+async def guard(chunks: AsyncIterator[bytes], on_error: OnError, request: Request
+                ) -> AsyncIterator[bytes]:
     """The stream guard: a failure after the stream started becomes the dialect's error
-    event(s) (`on_error`), then the stream ends."""
+    event(s) (`on_error`), then the stream ends (the access log names the error)."""
     try:
         async for chunk in chunks:
             yield chunk
     except APIError as e:
+        access.note(request, error=e.message)
         for chunk in on_error(e):
             yield chunk
-    except Exception:
-        log.exception("stream on %s failed", path)
+    except Exception as e:
+        log.exception("stream on %s failed", request.url.path)
+        access.note(request, error=f"{type(e).__name__}: {e}")
         for chunk in on_error(internal()):
             yield chunk
     finally:
@@ -185,8 +212,9 @@ async def reply(request: Request, gen: Generation, streaming: bool,
                 ) -> T | Response:
     """A guarded stream whose end (however it ends) cancels `gen`; or `collect()` awaited,
     cancelled if the client leaves first, `gen` cancelled whatever happens."""
+    access.attach(request, gen)
     if streaming:
-        return response(guard(stream(), on_error, request.url.path), on_close=gen.cancel)
+        return response(guard(stream(), on_error, request), on_close=gen.cancel)
     try:
         return await cancel_on_disconnect(request, collect())
     finally:

@@ -9,6 +9,8 @@ field name are right), using the constants here.
     checked(params, vocab, names)   the engine-bound values: refused (400) or clamped
     MAX_STOP, MAX_STOP_CHARS        stop strings per request, characters per stop string
     MAX_SEQUENCES                   engine sequences one request may start (prompts x n)
+    MAX_REQUEST_TOKENS              a max_tokens beyond it is refused; below, one larger than
+                                    the context leaves is clamped (core.output_budget)
     CHARS_PER_TOKEN                 prompt text denser than this cannot fit: refused before
                                     tokenizing (`check_prompt_chars`)
     MAX_JSON_DEPTH                  nesting of a request body (runtime/api/body.py)
@@ -34,6 +36,9 @@ MAX_STOP_CHARS = 256
 MAX_SEQUENCES = 128
 MAX_CHOICES = 16  # n, best_of
 MAX_TOP_LOGPROBS = 20
+# A max_tokens above this is refused, not clamped to the context (core.output_budget): int32's
+# limit, beyond every context; what a client sends there is garbage, not a budget.
+MAX_REQUEST_TOKENS = (1 << 31) - 1
 # Below this a positive temperature is greedy in all but name, and under ~3e-38 its inverse
 # overflows float32 and the sampler returns garbage: 0 is how to ask for greedy.
 MIN_TEMPERATURE = 1e-6

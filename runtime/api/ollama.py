@@ -76,7 +76,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import constrain
 from ..requests import FinishEvent, SamplingParams, TokenEvent
-from . import limits
+from . import access, limits
 from . import tools as toolkit
 from .body import AnyJSONRoute
 from .core import (
@@ -186,7 +186,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="microseconds").replace("+00:00", "Z")
 
 
-def _params(serving: Serving, body: _Gen, prompt_len: int, grammar: dict | None) -> SamplingParams:
+def _params(request: Request, serving: Serving, body: _Gen, prompt_len: int,
+            grammar: dict | None) -> SamplingParams:
     o = body.options or Options()
     num_predict, num_ctx, seed = o.num_predict, o.num_ctx, o.seed
     temperature, top_p = sampling(o.temperature, o.top_p, default_temperature=DEFAULT_TEMPERATURE,
@@ -205,6 +206,8 @@ def _params(serving: Serving, body: _Gen, prompt_len: int, grammar: dict | None)
         max_tokens = room
     elif num_predict >= 1:
         max_tokens = min(num_predict, room)
+        if num_predict > room:  # Ollama's own rule; told as in the other dialects
+            access.note(request, clamp=(num_predict, room))
     else:
         raise bad_request('option "num_predict" must be >= 1, or -1 / -2 (up to the context)',
                           "options.num_predict")
@@ -456,14 +459,9 @@ def _chat_messages(body: ChatBody) -> list[dict[str, Any]]:
     return normalize_messages(out)
 
 
-def _call_json(call: Any, index: int) -> dict[str, Any]:
-    try:
-        args = json.loads(call.arguments) if call.arguments else {}
-    except (TypeError, ValueError):
-        args = {"arguments": call.arguments}
-    if not isinstance(args, dict):
-        args = {"value": args}
-    return {"id": call.id, "function": {"index": index, "name": call.name, "arguments": args}}
+def _call_json(call: toolkit.ToolCall, index: int) -> dict[str, Any]:
+    return {"id": call.id, "function": {"index": index, "name": call.name,
+                                        "arguments": call.input()}}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -487,7 +485,7 @@ async def chat(request: Request, body: ChatBody):
         kw["tools"] = toolkit.template_tools(setup.tools)
     tokens = await serving.run_sync(render_chat, tok, messages,
                                     context_length=serving.context_length, **kw)
-    params = _params(serving, body, len(tokens), grammar)
+    params = _params(request, serving, body, len(tokens), grammar)
     gen = await serving.submit([(tokens, params)], new_id("ollama-chat"), prompt_param="messages",
                                names=OPTION_NAMES)
     clock.submitted = time.perf_counter_ns()
@@ -550,7 +548,7 @@ async def generate(request: Request, body: GenerateBody):
     serving.check_serving()
     grammar = await serving.run_sync(_grammar, serving.tokenizer, body.format, toolkit.ToolSetup())
     tokens = await serving.run_sync(_generate_tokens, serving, body)
-    params = _params(serving, body, len(tokens), grammar)
+    params = _params(request, serving, body, len(tokens), grammar)
     gen = await serving.submit([(tokens, params)], new_id("ollama-gen"), prompt_param="prompt",
                                names=OPTION_NAMES)
     clock.submitted = time.perf_counter_ns()

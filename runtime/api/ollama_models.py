@@ -10,6 +10,9 @@ Routes
 Decisions
 - The model name: the served id, "default", the id's last path component, with or without
   ":latest" (what /api/tags lists: the id plus ":latest" when it has no tag). Others: 404.
+- capabilities always include "tools": a chat template that ignores tools gets them written
+  into the prompt (runtime/api/tool_prompt.py); model_info["exolaunch.tool_format"] says which
+  ("chat_template" or "fallback").
 - Size, digest, parameter count and quantization come from the model directory
   (runtime/model_info.py), without loading anything.
 - /api/version says 0.12.0: clients gate features (tools, format schemas) on a minimum
@@ -31,6 +34,7 @@ from ..model_info import ModelFacts, chat_template, eos_strings, human_count, mo
 from .body import AnyJSONRoute
 from .errors import APIError, bad_request, not_found
 from .generation import Serving
+from .tool_prompt import template_ignores_tools
 
 router = APIRouter(route_class=AnyJSONRoute)
 
@@ -125,9 +129,11 @@ async def show(request: Request, body: ShowBody):
                      ("vocab_size", "vocab_size"), ("rope.freq_base", "rope_theta")):
         if isinstance(config.get(cfg), (int, float)):
             info[f"{arch}.{key}"] = config[cfg]
-    capabilities = ["completion"]
-    if "tools" in template:
-        capabilities.append("tools")
+    # Tools work with every model: through the chat template when it renders them, else in
+    # the fallback format written into the prompt (runtime/api/tool_prompt.py).
+    capabilities = ["completion", "tools"]
+    ignores = bool(template) and await serving.run_sync(template_ignores_tools, tok)
+    info["exolaunch.tool_format"] = "fallback" if ignores or not template else "chat_template"
     return {"license": "", "modelfile": modelfile, "parameters": parameters,
             "template": template, "details": _details(facts), "model_info": info,
             "capabilities": capabilities, "modified_at": _modified(facts)}

@@ -10,7 +10,8 @@ int64 or uint64; choice i gets seed+i), stop (a string or a list of up to 16, ea
 characters), n (1..16), stream, stream_options.include_usage, logprobs + top_logprobs (chat:
 bool + 0..20), logprobs (completions: int 0..20), echo (completions, without logprobs).
 Completions: at most 128 sequences (prompts x n) per request. Without max_tokens a request
-may use the rest of the context. presence_penalty / frequency_penalty (-2..2), logit_bias
+may use the rest of the context; a max_tokens larger than the context leaves is clamped to it
+(finish_reason "length"; `--strict-max-tokens`: a 400). presence_penalty / frequency_penalty (-2..2), logit_bias
 (token ids of the vocabulary: -100..100), min_p (0..1) and repetition_penalty (> 0) are
 checked and ignored; unknown fields are accepted and ignored (user, ...). The limits are
 runtime/api/limits.py.
@@ -27,8 +28,9 @@ Assistant messages with `tool_calls` and `role: "tool"` results are accepted bac
 Structured output (chat): `response_format` {"type": "json_object"} or {"type": "json_schema",
 "json_schema": {"name", "schema", "strict"}} is enforced by constrained decoding (always, strict
 or not); {"type": "text"} is none. A schema that cannot be enforced is a 400 saying why. With
-finish_reason "length" the output is a truncated prefix of valid JSON. A forced tool choice
-cannot be combined with response_format (400). Completions ignore response_format.
+finish_reason "length" the output is a truncated prefix of valid JSON. With a forced tool
+choice the call wins over response_format (the output is the call; the OpenAI Agents SDK sends
+both). Completions ignore response_format.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from ..requests import FinishEvent, SamplingParams, TokenEvent
 from . import limits
 from .body import JSONRoute
 from .core import (
-    Seed, StopList, StopString, StrictBody, finite, max_tokens_or_rest, reply, request_grammar,
+    Seed, StopList, StopString, StrictBody, finite, output_budget, reply, request_grammar,
     sampling, seed_for, split_events, stop_or_length, stop_strings, token_logprob,
 )
 from .errors import bad_request
@@ -120,11 +122,12 @@ class CompletionRequest(_Common):
 # ------------------------------------------------------------------------------------------------
 
 
-def _params(serving: Serving, body: _Common, max_tokens: int | None, prompt_len: int,
-            logprobs: bool, top_logprobs: int, grammar: dict | None = None) -> list[SamplingParams]:
+def _params(request: Request, serving: Serving, body: _Common, max_tokens: int | None,
+            prompt_len: int, logprobs: bool, top_logprobs: int, grammar: dict | None = None,
+            param: str = "max_tokens") -> list[SamplingParams]:
     limits.check_logit_bias(body.logit_bias, serving.vocab_size)
     temperature, top_p = sampling(body.temperature, body.top_p)
-    max_tokens = max_tokens_or_rest(max_tokens, prompt_len, serving)
+    max_tokens = output_budget(request, serving, max_tokens, prompt_len, param)
     stops = stop_strings(body.stop, "stop")
     return [SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=body.top_k or 0,
@@ -139,6 +142,7 @@ class _Usage:
 
     def __init__(self, prompt_lens: list[int], n: int):
         self.prompt = list(prompt_lens)
+        self.cached = [0] * len(prompt_lens)  # of each prompt, tokens the prefix cache served
         self.n = n
         self.completion = 0
 
@@ -146,11 +150,13 @@ class _Usage:
         self.completion += fin.completion_tokens
         if index % self.n == 0 and fin.prompt_tokens:
             self.prompt[index // self.n] = fin.prompt_tokens
+            self.cached[index // self.n] = fin.cached_tokens
 
-    def body(self) -> dict[str, int]:
+    def body(self) -> dict[str, Any]:
         prompt = sum(self.prompt)
         return {"prompt_tokens": prompt, "completion_tokens": self.completion,
-                "total_tokens": prompt + self.completion}
+                "total_tokens": prompt + self.completion,
+                "prompt_tokens_details": {"cached_tokens": sum(self.cached)}}
 
 
 def _chunker(rid: str, obj: str, created: int, model: str, body: _Common):
@@ -233,18 +239,18 @@ async def chat_completions(request: Request, body: ChatCompletionRequest):
     setup = ToolSetup(tools, checked_choice(tools, _tool_choice(body.tool_choice, tools)))
     fmt = _response_format(body.response_format)
     tok = serving.tokenizer
-    if setup.forced and fmt is not None:
-        raise bad_request("response_format cannot be combined with a forced tool_choice "
-                          "(\"required\" or a named function)", "response_format")
     grammar = await serving.run_sync(request_grammar, tok, setup, fmt, "response_format")
     tokens = await serving.run_sync(render_chat, tok, messages,
                                     tools=template_tools(tools) if tools else None,
-                                    context_length=serving.context_length)
+                                    context_length=serving.context_length,
+                                    calls_allowed=setup.active)
     want_lp = bool(body.logprobs)
     k = body.top_logprobs or 0
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None \
         else body.max_tokens
-    params = _params(serving, body, max_tokens, len(tokens), want_lp, k, grammar=grammar)
+    params = _params(request, serving, body, max_tokens, len(tokens), want_lp, k, grammar=grammar,
+                     param="max_completion_tokens" if body.max_completion_tokens is not None
+                     else "max_tokens")
     rid = new_id("chatcmpl")
     gen = await serving.submit([(tokens, p) for p in params], rid, prompt_param="messages",
                                names={"max_tokens": "max_completion_tokens"
@@ -388,7 +394,7 @@ async def completions(request: Request, body: CompletionRequest):
     k = body.logprobs or 0
     jobs = []
     for tokens, _ in prompts:
-        for p in _params(serving, body, body.max_tokens, len(tokens), want_lp, k):
+        for p in _params(request, serving, body, body.max_tokens, len(tokens), want_lp, k):
             jobs.append((tokens, p))
     if body.echo:
         echoes = [text if text is not None else

@@ -19,6 +19,7 @@ import json
 import re
 from typing import Any, Iterable
 
+from . import tool_prompt
 from .errors import bad_request
 from .limits import check_prompt_chars
 
@@ -70,9 +71,12 @@ def _as_ids(out: Any) -> list[int]:
 
 
 def _template_message(m: dict) -> dict:
-    """Assistant tool calls as templates expect them: `function.arguments` a dict (HF's
+    """Content None (an assistant turn that only called tools) as "", and assistant tool calls
+    as templates expect them: `function.arguments` a dict (HF's
     convention; a JSON string from the wire is parsed, a string that is not a JSON object is
     kept as is) and every call with "type": "function"."""
+    if m.get("content") is None:  # an assistant turn that only called tools: templates
+        m = dict(m, content="")    # concatenate content, and None is not a string
     calls = m.get("tool_calls")
     if not calls:
         if "tool_calls" in m:
@@ -116,6 +120,38 @@ def _plain_transcript(messages: list[dict], tools: list[dict] | None) -> str:
     return "".join(parts)
 
 
+def _fold_late_system(messages: list[dict]) -> list[dict]:
+    """System messages after the conversation started, as user text ("System: ..."), joined
+    to the neighbouring user turn: for templates that refuse a system message anywhere but
+    first (Anthropic's and OpenAI's APIs allow them mid-conversation)."""
+    out: list[dict] = []
+    started = False
+    for m in messages:
+        role = m.get("role")
+        if role == "system" and started:
+            text = f"System: {m.get('content') or ''}"
+            m = {"role": "user", "content": text}
+        if role != "system":
+            started = True
+        if m["role"] == "user" and out and out[-1]["role"] == "user" \
+                and not out[-1].get("tool_calls"):
+            out[-1] = dict(out[-1], content=f"{out[-1].get('content') or ''}\n\n"
+                                            f"{m.get('content') or ''}")
+        else:
+            out.append(m)
+    return out
+
+
+def _has_late_system(messages: list[dict]) -> bool:
+    started = False
+    for m in messages:
+        if m.get("role") != "system":
+            started = True
+        elif started:
+            return True
+    return False
+
+
 def text_chars(value: Any) -> int:
     """Characters in every string inside `value` (messages, tools: what a template renders)."""
     total, stack = 0, [value]
@@ -150,7 +186,7 @@ def _encode(tokenizer, text: str, param: str, special_tokens: bool = True) -> li
 
 def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = None,
                 param: str = "messages", context_length: int | None = None,
-                **template_kwargs: Any) -> list[int]:
+                calls_allowed: bool = True, **template_kwargs: Any) -> list[int]:
     """Token ids of `messages` through the model's chat template, with the generation prompt.
 
     `tools` (OpenAI function-format dicts, see runtime/api/tools.template_tools) go to the
@@ -158,22 +194,41 @@ def render_chat(tokenizer, messages: list[dict], *, tools: list[dict] | None = N
     arguments are given to the template as dicts) and `role: "tool"` messages carry results.
 
     Without a chat template: "role: content" lines then "assistant:" (so a base model still
-    answers), tools as one JSON line first. A template that raises (e.g. "roles must
-    alternate") is a 400 naming the reason.
+    answers), tools as one JSON line first. A template that ignores tools gets them, and the
+    calls and results, written into the messages (runtime/api/tool_prompt.py; with
+    `calls_allowed` False, tool_choice "none", the definitions are left out). A template
+    that raises on a system message after the first turn gets those as user text; any other
+    template error (e.g. "roles must alternate") is a 400 naming the reason.
     """
     if not messages:
         raise bad_request(f"{param}: at least one message is required", param)
     _bounded(text_chars(messages) + text_chars(tools), context_length, param)
-    messages = [_template_message(m) for m in messages]
     if not getattr(tokenizer, "has_chat_template", getattr(tokenizer, "chat_template", None)):
+        messages = [_template_message(m) for m in messages]
         return encode_text(tokenizer, _plain_transcript(messages, tools) + "assistant:", param=param)
+    if tool_prompt.uses_tools(messages, tools) and tool_prompt.template_ignores_tools(tokenizer):
+        from .tools import markers  # tools.py imports this module
+
+        # tool_choice "none": earlier calls and results only, no invitation to call
+        messages = tool_prompt.inline_tools(messages, tools if calls_allowed else None,
+                                            markers(tokenizer))
+        tools = None
+    messages = [_template_message(m) for m in messages]
     if tools:
         template_kwargs["tools"] = tools
     try:
         out = tokenizer.apply_chat_template(messages, add_generation_prompt=True,
                                             **template_kwargs)
     except Exception as e:  # jinja TemplateError, TemplateSyntaxError, ValueError, KeyError ...
-        raise bad_request(f"{param}: the chat template rejected these messages: {e}", param)
+        if not _has_late_system(messages):
+            raise bad_request(f"{param}: the chat template rejected these messages: {e}", param)
+        # A template that only takes a leading system message gets the later ones as user text.
+        try:
+            out = tokenizer.apply_chat_template(_fold_late_system(messages),
+                                                add_generation_prompt=True, **template_kwargs)
+        except Exception as e2:
+            raise bad_request(f"{param}: the chat template rejected these messages: {e2}",
+                              param)
     return _as_ids(out)
 
 

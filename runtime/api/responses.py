@@ -17,10 +17,12 @@ Request fields
     uint64). Unknown fields are accepted and ignored. The limits are runtime/api/limits.py.
 
 Decisions where the spec is silent or this server differs
-- Nothing is stored: `store` is accepted but every response says `"store": false`;
-  `previous_response_id` is a 400 (param previous_response_id) telling the client to send the
-  whole conversation in `input`; `item_reference` input items are a 400 for the same reason.
-  `background` is a 400 too (no polling without storage), `GET /v1/responses/{id}` a 404.
+- Responses are stored by default (`store: false` opts out), in memory on rank 0, bounded
+  (runtime/api/response_store.py: the least recently used go first); `previous_response_id`
+  continues a stored one (its conversation and output, then `input`; its instructions are not
+  carried over, as in OpenAI's API), `GET /v1/responses/{id}` (and `/input_items`) read it,
+  `DELETE` removes it. An unknown or evicted id is a 400 naming previous_response_id (404 on
+  GET / DELETE). `item_reference` input items and `background` are a 400.
 - tool_choice "none": the tools are still given to the chat template (the conversation may
   speak of them) but the model's text is never parsed for tool calls. "required" / a named
   function: the call is forced by a grammar (so it always parses and its arguments always
@@ -59,12 +61,13 @@ from ..requests import FinishEvent, SamplingParams
 from . import tools as toolkit
 from .body import JSONRoute
 from .core import (
-    Seed, StrictBody, max_tokens_or_rest, reply, request_grammar, sampling, seed_for,
+    Seed, StrictBody, output_budget, reply, request_grammar, sampling, seed_for,
     split_events,
 )
 from .errors import APIError, bad_request, not_found
 from .generation import Serving
 from .prompt import flatten_content, normalize_messages, render_chat
+from .response_store import store_of
 from .sse import sse_event
 
 router = APIRouter(route_class=JSONRoute)
@@ -174,8 +177,8 @@ def input_messages(body: ResponsesRequest) -> list[dict[str, Any]]:
             messages.append(toolkit.tool_result_message(call_id, output,
                                                         name=names.get(call_id)))
         elif kind == "item_reference":
-            raise bad_request(f"{where}.type: item references are not supported (this server "
-                              "stores no responses): send the items themselves", f"{where}.type")
+            raise bad_request(f"{where}.type: item references are not supported: send the items "
+                              "themselves, or previous_response_id", f"{where}.type")
         elif kind == "reasoning":
             continue  # nothing this server can use
         else:
@@ -287,7 +290,7 @@ class _Ctx:
         usage = None
         if fin is not None:
             inp = fin.prompt_tokens or self.prompt_tokens
-            usage = {"input_tokens": inp, "input_tokens_details": {"cached_tokens": 0},
+            usage = {"input_tokens": inp, "input_tokens_details": {"cached_tokens": fin.cached_tokens},
                      "output_tokens": fin.completion_tokens,
                      "output_tokens_details": {"reasoning_tokens": 0},
                      "total_tokens": inp + fin.completion_tokens}
@@ -303,7 +306,8 @@ class _Ctx:
             "model": self.model, "output": output,
             "parallel_tool_calls": True if b.parallel_tool_calls is None
             else b.parallel_tool_calls,
-            "previous_response_id": None, "reasoning": None, "store": False,
+            "previous_response_id": b.previous_response_id, "reasoning": None,
+            "store": b.store is not False,
             "temperature": 1.0 if b.temperature is None else float(b.temperature),
             "top_p": 1.0 if b.top_p is None else float(b.top_p),
             "text": {"format": self.fmt}, "tool_choice": self.tools.echo_choice,
@@ -388,7 +392,7 @@ class _EventWriter:
     def call(self, call: Any) -> list[bytes]:
         out = self._close_message("completed")
         fid, idx = _id("fc"), len(self.output)
-        item = _call_item(fid, call, "completed")
+        item = _call_item(fid, call, "incomplete" if call.partial else "completed")
         self.output.append(item)
         out += [
             self.event("response.output_item.added", {
@@ -438,13 +442,12 @@ class _EventWriter:
 async def create_response(request: Request, body: ResponsesRequest):
     serving = Serving.of(request)
     model = serving.resolve_model(body.model)
-    if body.previous_response_id is not None:
-        raise bad_request("previous_response_id: this server does not store responses; send "
-                          "the whole conversation in `input` (earlier output items included)",
-                          "previous_response_id")
     if body.background:
-        raise bad_request("background: not supported (this server does not store responses)",
-                          "background")
+        raise bad_request("background: not supported (responses are answered while the client "
+                          "waits)", "background")
+    store = store_of(request.app)
+    items = _conversation(store, body)
+    body = body.model_copy(update={"input": items})
     serving.check_serving()
 
     setup = tool_setup(body)
@@ -457,11 +460,12 @@ async def create_response(request: Request, body: ResponsesRequest):
     if setup.tools:  # also with "none": the conversation may speak of them
         template_kw["tools"] = toolkit.template_tools(setup.tools)
     tokens = await serving.run_sync(render_chat, tok, messages, param="input",
-                                    context_length=serving.context_length, **template_kw)
+                                    context_length=serving.context_length,
+                                    calls_allowed=setup.active, **template_kw)
 
     temperature, top_p = sampling(body.temperature, body.top_p)
-    params = SamplingParams(max_tokens=max_tokens_or_rest(body.max_output_tokens, len(tokens),
-                                                          serving),
+    params = SamplingParams(max_tokens=output_budget(request, serving, body.max_output_tokens,
+                                                     len(tokens), "max_output_tokens"),
                             temperature=temperature, top_p=top_p, top_k=body.top_k or 0,
                             seed=seed_for(body.seed), grammar=grammar)
     rid = _id("resp")
@@ -480,6 +484,8 @@ async def create_response(request: Request, body: ResponsesRequest):
             if isinstance(ev, FinishEvent):
                 for chunk in w.finish(ev):
                     yield chunk
+                if body.store is not False and w.response is not None:
+                    store.put(w.response, items)
 
     async def collect() -> dict[str, Any] | None:
         w = _EventWriter(ctx, encode=False)
@@ -491,7 +497,49 @@ async def create_response(request: Request, body: ResponsesRequest):
                        streaming.fail)
 
 
+def _conversation(store, body: ResponsesRequest) -> list[dict[str, Any]]:
+    """The conversation's input items: the previous response's (its conversation and its
+    output), then this request's input."""
+    if isinstance(body.input, str):
+        new = [{"type": "message", "role": "user",
+                "content": [{"type": "input_text", "text": body.input}]}]
+    else:
+        new = list(body.input)
+    if body.previous_response_id is None:
+        return new
+    prev = store.get(body.previous_response_id)
+    if prev is None:
+        raise bad_request(f"previous_response_id: no stored response "
+                          f"'{body.previous_response_id}' (never stored, deleted, or evicted: this "
+                          "server keeps the latest responses in memory)", "previous_response_id",
+                          "previous_response_not_found")
+    return prev.conversation() + new
+
+
+def _stored(request: Request, response_id: str):
+    entry = store_of(request.app).get(response_id)
+    if entry is None:
+        raise not_found(f"no response '{response_id}' (never stored, deleted, or evicted)",
+                        "response_id", "not_found")
+    return entry
+
+
 @router.get("/v1/responses/{response_id}")
-async def get_response(response_id: str):
-    raise not_found(f"no response '{response_id}': this server does not store responses",
-                    "response_id", "not_found")
+async def get_response(request: Request, response_id: str):
+    return _stored(request, response_id).response
+
+
+@router.get("/v1/responses/{response_id}/input_items")
+async def get_input_items(request: Request, response_id: str):
+    items = [dict(it, id=it.get("id") or f"item_{i}")
+             for i, it in enumerate(_stored(request, response_id).items)]
+    return {"object": "list", "data": items, "first_id": items[0]["id"] if items else None,
+            "last_id": items[-1]["id"] if items else None, "has_more": False}
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(request: Request, response_id: str):
+    if not store_of(request.app).delete(response_id):
+        raise not_found(f"no response '{response_id}' (never stored, deleted, or evicted)",
+                        "response_id", "not_found")
+    return {"id": response_id, "object": "response", "deleted": True}

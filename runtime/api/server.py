@@ -23,6 +23,7 @@ from typing import Any
 import uvicorn
 
 from ..requests import Engine
+from .access import AccessLog
 from .app import create_app
 from .limits import DEFAULT_MAX_BODY_MB
 
@@ -57,12 +58,16 @@ class APIServer:
     def __init__(self, engine: Engine, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT,
                  api_key: str | None = None, *, app: Any = None, log_level: str = "warning",
                  access_log: bool = False, graceful_timeout: float = 5.0,
-                 max_body_mb: float = DEFAULT_MAX_BODY_MB):
+                 max_body_mb: float = DEFAULT_MAX_BODY_MB, strict_max_tokens: bool = False):
         self.engine = engine
         self.host = host
         self.port = port
-        self.app = app if app is not None else create_app(engine, api_key=api_key,
-                                                          max_body_mb=max_body_mb)
+        if app is None:
+            app = create_app(engine, api_key=api_key, max_body_mb=max_body_mb)
+            # A max_tokens beyond what the context leaves: 400, not clamped (core.output_budget).
+            app.state.strict_max_tokens = strict_max_tokens
+            app.add_middleware(AccessLog)  # outermost: one line per request, 401s included
+        self.app = app
         self.config = uvicorn.Config(
             self.app, host=host, port=port, log_level=log_level, access_log=access_log,
             log_config=None, lifespan="off", ws="none",

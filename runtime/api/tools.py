@@ -25,14 +25,20 @@ text every dialect consumes (parsed for calls when the setup is active, else pas
 
 Streaming (`ToolCallStream`): text outside tool-call markup streams as it comes (a tail that
 could still begin a start marker is held back); text inside markup is never shown. A completed
-call becomes a ToolCall. A call whose body cannot be parsed (a weak model, or max_tokens cut it)
-is not dropped silently: it is shown as text, markup included, so nothing the model produced is
-lost; an unterminated call at the end is parsed if its body is complete, else shown as text.
+call becomes a ToolCall. A call whose body cannot be parsed (a weak model) is not dropped
+silently: it is shown as text, markup included, so nothing the model produced is lost. An
+unterminated call at the end (max_tokens cut it) is parsed if its body is complete; else, when
+it is a JSON call object whose name is one of the tools, it is a *partial* ToolCall (arguments:
+the prefix written so far, as OpenAI returns a call cut by max_tokens; `ToolCall.input()`
+completes that prefix as far as it parses); else it is shown as text.
+
+Forced calls close every object schema of the arguments (`closed_schema`), in every dialect.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Union
@@ -59,7 +65,16 @@ class Tool:
 class ToolCall:
     id: str
     name: str
-    arguments: str  # JSON text
+    arguments: str  # JSON text (a prefix of it when partial)
+    partial: bool = False  # cut off (max_tokens) before its arguments were complete
+
+    def input(self) -> dict:
+        """The arguments as an object (Anthropic's `input`, Ollama's `arguments`): a partial
+        call's prefix completed as far as it parses."""
+        value = repair_json(self.arguments) if self.arguments else {}
+        if isinstance(value, dict):
+            return value
+        return {} if value is None and self.partial else {"arguments": self.arguments}
 
     def openai(self) -> dict:
         """OpenAI's tool_calls entry (also what chat templates read)."""
@@ -135,10 +150,38 @@ def _choice_tools(tools: list[Tool], choice: Any) -> list[Tool] | None:
                              f"({', '.join(t.name for t in tools) or 'none given'})")
 
 
+def closed_schema(schema: Any) -> Any:
+    """`schema` with every object that lists its properties closed (additionalProperties
+    false unless it says otherwise), recursively: a forced call must end once the declared
+    arguments are written, instead of inventing more until max_tokens. Objects under allOf
+    stay open (closing both halves of a composition would admit nothing)."""
+    if isinstance(schema, list):
+        return [closed_schema(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for k, v in schema.items():
+        if k == "allOf":
+            out[k] = v
+        elif k in ("properties", "patternProperties", "$defs", "definitions",
+                   "dependentSchemas") and isinstance(v, dict):
+            out[k] = {name: closed_schema(sub) for name, sub in v.items()}
+        elif k in ("items", "additionalItems", "prefixItems", "anyOf", "oneOf", "not",
+                   "additionalProperties", "if", "then", "else", "contains"):
+            out[k] = closed_schema(v)
+        else:
+            out[k] = v
+    if isinstance(out.get("properties"), dict) and "additionalProperties" not in out \
+            and "patternProperties" not in out:
+        out["additionalProperties"] = False
+    return out
+
+
 def call_schema(tools: list[Tool]) -> dict:
-    """JSON schema of one call object {"name": ..., "arguments": {...}} to one of the tools."""
+    """JSON schema of one call object {"name": ..., "arguments": {...}} to one of the tools
+    (arguments closed: `closed_schema`)."""
     alts = [{"type": "object",
-             "properties": {"name": {"const": t.name}, "arguments": _params(t)},
+             "properties": {"name": {"const": t.name}, "arguments": closed_schema(_params(t))},
              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
     schema = alts[0] if len(alts) == 1 else {"anyOf": alts}
     return dict(schema, **{"x-guidance": dict(JSON_DEFAULTS)})
@@ -213,6 +256,100 @@ def _fallback_call(obj: Any) -> ToolCall | None:
     return None
 
 
+def _json_scan(s: str) -> tuple[list[str], bool, int, list[int]]:
+    """The structure of JSON text `s`: the closing brackets still owed (innermost last),
+    whether it ends inside a string, the index after the first top-level value's closing
+    bracket (-1: not closed yet), and where values begin (after each , { [ outside strings)."""
+    stack: list[str] = []
+    in_str = esc = False
+    end = -1
+    starts: list[int] = []
+    for k, c in enumerate(s):
+        if not in_str and c in ",{[":
+            starts.append(k + 1)
+        if in_str:
+            if esc:
+                esc = False
+            elif c == "\\":
+                esc = True
+            elif c == '"':
+                in_str = False
+        elif c == '"':
+            in_str = True
+        elif c in "{[":
+            stack.append("}" if c == "{" else "]")
+        elif c in "}]" and stack:
+            stack.pop()
+            if not stack and end == -1:
+                end = k + 1
+    return stack, in_str, end, starts
+
+
+def repair_json(text: str) -> Any:
+    """The value of JSON `text`, or of its longest prefix that parses once its open strings
+    and brackets are closed (a call cut off by max_tokens); None if nothing does."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    # Cut where the text ends, else where its last values began (a cut inside `true`, a
+    # number or a key has to go): a few tries, each one pass.
+    starts = _json_scan(text)[3]
+    for end in [len(text), *reversed(starts[-16:])]:
+        head = text[:end].rstrip().rstrip(",:")
+        stack, in_str, _, _ = _json_scan(head)
+        tail = ('"' if in_str else "") + "".join(reversed(stack))
+        try:
+            return json.loads(head + tail)
+        except ValueError:
+            continue
+    return None
+
+
+_PARTIAL_CALL = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"(.*)', re.DOTALL)
+_ARGUMENTS = re.compile(r'\s*,\s*"(?:arguments|parameters)"\s*:\s*(.*)', re.DOTALL)
+_CALL_OPENING = '{"name":"'
+
+
+def _partial_call(text: str, tools: list[Tool]) -> ToolCall | None:
+    """A call object cut off before its end, {"name": "<a tool>", "arguments": ... (the
+    forced form, and json_tools' body): the call with the arguments written so far. Cut
+    inside the name (or before it), it is the one tool that name can still become, if only
+    one can."""
+    m = _PARTIAL_CALL.fullmatch(text)
+    if m is None:
+        compact = re.sub(r"\s", "", text)
+        if _CALL_OPENING.startswith(compact):
+            prefix = ""  # cut before the name: only a lone tool is sure
+        elif compact.startswith(_CALL_OPENING) and '"' not in compact[len(_CALL_OPENING):]:
+            prefix = compact[len(_CALL_OPENING):]
+        else:
+            return None
+        fits = [t for t in tools if t.name.startswith(prefix)]
+        return ToolCall(new_call_id(), fits[0].name, "", partial=True) if len(fits) == 1 else None
+    try:
+        name = json.loads(f'"{m.group(1)}"')
+    except ValueError:
+        return None
+    if name not in {t.name for t in tools}:
+        return None
+    rest = m.group(2)
+    if ',"arguments":'.startswith(re.sub(r"\s", "", rest)):
+        args = ""  # cut before the arguments began
+    else:
+        a = _ARGUMENTS.fullmatch(rest)
+        if a is None:
+            return None
+        args = a.group(1).strip()
+    if args.endswith("}") and repair_json(args[:-1] + "}") is not None:
+        try:  # the arguments and the call's own closing brace
+            json.loads(args[:-1])
+            args = args[:-1].rstrip()
+        except ValueError:
+            pass
+    return ToolCall(new_call_id(), name, args, partial=True)
+
+
 def _held_prefix(text: str, marker: str) -> int:
     """Length of the longest tail of `text` that is a proper prefix of `marker`."""
     for k in range(min(len(marker) - 1, len(text)), 0, -1):
@@ -274,6 +411,9 @@ class ToolCallStream:
                     body, raw = self._buf, self.start + self._buf
                     self._buf, self._in_call = "", False
                     calls = self._parse_body(body) if body.strip() else None
+                    if not calls:  # inside the markers: a call, if we can tell whose
+                        cut = _partial_call(body, self.tools)
+                        calls = [cut] if cut else None
                     out.extend(calls if calls else [raw])
                     return out
                 body = self._buf[:j]
@@ -287,24 +427,7 @@ class ToolCallStream:
     @staticmethod
     def _object_end(s: str) -> int:
         """Index after the top-level JSON object starting at s[0] == '{', or -1 if incomplete."""
-        depth, in_str, esc = 0, False, False
-        for k, c in enumerate(s):
-            if in_str:
-                if esc:
-                    esc = False
-                elif c == "\\":
-                    esc = True
-                elif c == '"':
-                    in_str = False
-            elif c == '"':
-                in_str = True
-            elif c in "{[":
-                depth += 1
-            elif c in "}]":
-                depth -= 1
-                if depth == 0:
-                    return k + 1
-        return -1
+        return _json_scan(s)[2]
 
     def _feed_json(self, final: bool) -> list[str | ToolCall]:
         out: list[str | ToolCall] = []
@@ -324,7 +447,8 @@ class ToolCallStream:
             end = self._object_end(stripped)
             if end == -1:
                 if final:
-                    out.append(self._buf)
+                    cut = _partial_call(stripped, self.tools)
+                    out.append(cut if cut else self._buf)
                     self._buf = ""
                 return out
             try:
