@@ -33,6 +33,7 @@ ENV_CACHE = "EXOLAUNCH_CACHE"  # where demo models are generated
 ENV_MODELS = "EXOLAUNCH_MODELS"  # per host: ROOT/<name> is where `pull` puts a model
 ENV_SHARD_HEAD = "EXOLAUNCH_SHARD_HEAD"  # "0": keep lm_head whole on every rank
 ENV_SWITCH_INTERVAL = "EXOLAUNCH_SWITCH_INTERVAL"  # rank 0's GIL switch interval, seconds
+ENV_PLAN = "EXOLAUNCH_PLAN"  # JSON: the plan's hosts, ranks, links, memory (launcher.planner.summary)
 
 # ---------------------------------------------------------------------------- backends, ports
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")

@@ -20,8 +20,9 @@ both ways with an HMAC over nonces fresh for that connection:
 A hello recorded on one connection proves nothing on another, whose N0 differs. Rank 0 runs each
 pending handshake on its own thread with its own deadline, so garbage, silence or a bad MAC only
 drops that connection; a duplicate rank is refused (and exits non-zero); frames from peers are
-capped in size. After the handshake a follower sends only an error report ({"error"}), and rank 0
-sends encoded step decisions (runtime/decision.py), which this module frames without reading.
+capped in size. After the handshake a follower sends its step stats every second ({"stats"})
+and at most one error report ({"error"}), and rank 0 sends encoded step decisions
+(runtime/decision.py), which this module frames without reading.
 """
 
 from __future__ import annotations
@@ -122,6 +123,7 @@ class Leader:
         self.secret = job_secret() if secret is None else secret
         self.peers: dict[int, socket.socket] = {}
         self.hellos: dict[int, dict] = {}
+        self.peer_stats: dict[int, dict] = {}  # rank -> its last runtime/stepstats.py snapshot
         self.listener = socket.create_server((host, port), reuse_port=False)
         self.on_peer_lost: Callable[[int, dict], None] | None = None
         self.dropped = 0  # connections that did not prove the secret, or were refused
@@ -255,12 +257,17 @@ class Leader:
         log.warning("control channel: dropped a connection from %s:%s: %s", addr[0], addr[1], why)
 
     def _watch(self, rank: int, conn: socket.socket) -> None:
-        """Followers send only two things after hello: an error report, or nothing until they
-        close. Either way rank 0 hears about a dead or failing peer here."""
-        try:
-            msg = _recv(conn)
-        except (ConnectionError, OSError, ValueError):
-            msg = {}
+        """After hello a follower sends its step stats every second ({"stats"}: kept in
+        `peer_stats` for /metrics), then an error report or nothing until it closes. Either way
+        rank 0 hears about a dead or failing peer here."""
+        while True:
+            try:
+                msg = _recv(conn)
+            except (ConnectionError, OSError, ValueError):
+                msg = {}
+            if not isinstance(msg.get("stats"), dict):
+                break
+            self.peer_stats[rank] = {**msg["stats"], "received": time.monotonic()}
         if self.on_peer_lost:
             self.on_peer_lost(rank, msg)
 
@@ -327,13 +334,30 @@ class Follower:
             self.sock.close()
             raise ControlRefused(f"rank {rank}: {where} did not prove this job's secret")
         self.sock.settimeout(None)
+        self._send_lock = threading.Lock()  # the stats thread and report_error share the socket
 
     def recv(self) -> bytes:
         """The next encoded step decision (blocks, using no CPU, until rank 0 sends one)."""
         return _recv_frame(self.sock, MAX_DECISION_FRAME)
 
+    def report_every(self, interval: float, snapshot: Callable[[], dict]) -> None:
+        """Send snapshot() to rank 0 every `interval` seconds from a daemon thread, until the
+        channel closes (what rank 0's /metrics shows for this rank)."""
+        def loop() -> None:
+            while True:
+                try:
+                    msg = {"stats": snapshot()}
+                    with self._send_lock:
+                        _send(self.sock, msg)
+                except (OSError, ValueError, TypeError):
+                    return
+                time.sleep(interval)
+
+        threading.Thread(target=loop, daemon=True, name="exolaunch-stats").start()
+
     def report_error(self, message: str) -> None:
         try:
-            _send(self.sock, {"error": message[:MAX_PEER_FRAME // 8]})
+            with self._send_lock:
+                _send(self.sock, {"error": message[:MAX_PEER_FRAME // 8]})
         except OSError:
             pass

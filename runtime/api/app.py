@@ -16,6 +16,13 @@ Routes
                                      Ollama's model routes (runtime/api/ollama_models.py; `/`
                                      needs the key too)
     GET  /openapi.json               the request bodies of every route (OpenAPI 3)
+    GET  /metrics                    Prometheus text format, vLLM's names under exolaunch:
+                                     (runtime/api/metrics.py)
+    GET  /exolaunch/stats            the same numbers as JSON, per rank and recent requests
+                                     (what the dashboard and `exolaunch top` poll; the front
+                                     door's /exolaunch/status adds restarts)
+    GET  / (Accept: text/html), /dashboard/*   the dashboard page (runtime/api/dashboard.py;
+                                     static, no key needed: it asks for the key)
 
 Auth: with api_key set, every route except /health needs `Authorization: Bearer KEY` (or
 `x-api-key: KEY`); otherwise 401. Errors are OpenAI error objects (runtime/api/errors.py);
@@ -30,7 +37,8 @@ runtime/api/limits.py.
 from __future__ import annotations
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from ..requests import Engine
 from . import anthropic as anthropic_dialect
@@ -40,9 +48,11 @@ from . import openai as openai_dialect
 from . import responses as responses_dialect
 from .auth import APIKeyMiddleware
 from .body import BodyLimit
+from .dashboard import Dashboard
 from .errors import install_error_handlers
 from .generation import Serving
 from .limits import DEFAULT_MAX_BODY_MB
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE, RequestOrigin
 
 
 def create_app(engine: Engine, *, api_key: str | None = None,
@@ -65,6 +75,16 @@ def create_app(engine: Engine, *, api_key: str | None = None,
             return {"status": status, "model": serving.model_id, "running": running, "waiting": waiting}
         return JSONResponse({"status": status, "reason": why}, status_code=503)
 
+    @app.get("/metrics", include_in_schema=False)
+    async def metrics(request: Request):
+        # ~10-30 ms of text formatting: off the event loop, so streams keep flowing meanwhile
+        body = await run_in_threadpool(Serving.of(request).metrics.render)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
+
+    @app.get("/exolaunch/stats", include_in_schema=False)
+    async def status(request: Request):
+        return Serving.of(request).metrics.status()
+
     app.include_router(openai_dialect.router)
     app.include_router(responses_dialect.router)
     app.include_router(anthropic_dialect.router)
@@ -74,4 +94,6 @@ def create_app(engine: Engine, *, api_key: str | None = None,
     app.add_middleware(BodyLimit, max_bytes=int(max_body_mb * 1_000_000))
     if api_key:  # outermost: no body is read for a request without the key
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
+    app.add_middleware(RequestOrigin)  # each request's dialect and arrival time, for metrics
+    app.add_middleware(Dashboard)  # outermost: the page itself holds no data and needs no key
     return app

@@ -44,6 +44,7 @@ from . import limits
 from .errors import (
     APIError, SERVER_ERROR, bad_request, internal, not_found, rate_limited, unavailable,
 )
+from .metrics import Metrics
 from .prompt import TokenText
 
 log = logging.getLogger("exolaunch.api")
@@ -72,6 +73,7 @@ class Generation:
         self.handles = handles
         self.finished = [False] * len(handles)
         self._tasks: list[asyncio.Task] = []
+        self.track = serving.metrics.track(handles)  # TTFT, latencies, tokens (metrics.py)
 
     def cancel(self) -> None:
         """Cancel every request that has not finished (idempotent)."""
@@ -80,10 +82,12 @@ class Generation:
                 h.cancel()
         for t in self._tasks:
             t.cancel()
+        self.track.close()
 
     def _check(self, i: int, ev: TokenEvent | FinishEvent) -> None:
         """Bookkeeping for a finished request; raise APIError for an engine error or a
         cancellation nobody asked for."""
+        self.track.event(i, ev)
         if not isinstance(ev, FinishEvent):
             return
         self.finished[i] = True
@@ -171,6 +175,7 @@ class Serving:
 
     def __init__(self, engine: Engine):
         self._engine = engine
+        self.metrics = Metrics(engine)  # what /metrics, the dashboard and `exolaunch top` show
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="exolaunch-tokenize")
         self._token_text: TokenText | None = None
         self._vocab: int | None = None
