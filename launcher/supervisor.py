@@ -55,6 +55,7 @@ class Options:
     ssh: ssh.SshOptions = field(default_factory=ssh.SshOptions)
     on_all_ready: Callable[[], None] | None = None
     on_event: Callable[[str, "RankState"], None] | None = None
+    on_teardown: Callable[[int, str], None] | None = None  # (status, why) the moment teardown begins
     quiet: bool = False  # no supervisor messages on stderr (library use)
 
 
@@ -304,7 +305,7 @@ class Supervisor:
         if line[:1] != bytes([FRAME]):
             # Not from an agent: mpirun's own messages, a login banner, or a remote shell's
             # error such as "No module named launcher". Shown, and kept for error messages.
-            text = line.decode(errors="replace").rstrip("\n")
+            text = line.decode(errors="replace").rstrip("\r\n")
             ch.stderr_tail = (ch.stderr_tail + [text])[-5:]
             sys.stderr.write(f"[{ch.name}] {text}\n")
             return
@@ -433,6 +434,8 @@ class Supervisor:
         if self.failure is None:
             self.failure = (status, message)
         self.say(message + "; stopping all ranks")
+        if self.opts.on_teardown:
+            self.opts.on_teardown(status, message)
         for ch in self.channels:
             if ch.proc.poll() is None:
                 ch.terminate()
@@ -456,7 +459,7 @@ class Supervisor:
                 if kind == "line":
                     self._on_line(ch, data)
                 elif kind == "stderr":
-                    text = data.decode(errors="replace").rstrip("\n")
+                    text = data.decode(errors="replace").rstrip("\r\n")
                     ch.stderr_tail = (ch.stderr_tail + [text])[-5:]
                     if not self.opts.quiet:
                         sys.stderr.write(f"[{ch.name}] {text}\n")
