@@ -15,7 +15,9 @@ import typer
 
 # Importing a subcommand module registers its commands, in this order in --help.
 from launcher import cli_run  # noqa: F401  exec, run
+from launcher import cli_jobs, cli_service  # noqa: F401  ps, logs, stop; service
 from launcher import cli_plan, cli_doctor, cli_pull, cli_import, cli_batch, cli_bench  # noqa: F401
+from launcher import cli_top  # noqa: F401  top
 from launcher.cli_common import app
 from launcher.errors import ConfigError, LaunchError
 

