@@ -78,9 +78,8 @@ def bench_(
     trace_turns: int = typer.Option(6, "--trace-turns", help="Agent trace: turns per conversation."),
     trace_conversations: int = typer.Option(3, "--trace-conversations", help="Agent trace: conversations at once."),
 ):
-    from launcher import ssh
     from launcher.bench import records, report
-    from launcher.bench.runner import Runner, Target
+    from launcher.bench.runner import Runner
     from launcher.bench.sweep import csv_ints, csv_strs, load_sweep
 
     sweep = load_sweep(config, {
@@ -100,12 +99,7 @@ def bench_(
     status = 0
     if not report_only:
         g = ctx.obj
-        hostfile, _ = load_cluster(g)
-        target = Target(hostfile=hostfile, hostfile_path=g.hostfile, topology_path=g.topology, api_key=api_key,
-                        ready_timeout=ready_timeout,
-                        sopts=ssh.SshOptions(connect_timeout=connect_timeout, config=hostfile.ssh_config,
-                                             options=dict(hostfile.ssh_options or {})))
-        runner = Runner(sweep, target, out)
+        runner = Runner(sweep, _target(g, api_key, ready_timeout, connect_timeout), out)
         todo = sum(len(t) for _, _, t in runner.pending())
         progress = _Progress(todo)
         runner.progress, runner.say = progress, progress.say
@@ -126,25 +120,31 @@ def bench_(
     return status
 
 
+def _target(g, api_key: Optional[str], ready_timeout: float, connect_timeout: float):
+    """Where the sweep's clusters run: the loaded hostfile, reached with these SSH options."""
+    from launcher import ssh
+    from launcher.bench.runner import Target
+
+    hostfile, _ = load_cluster(g)
+    return Target(hostfile=hostfile, hostfile_path=g.hostfile, topology_path=g.topology, api_key=api_key,
+                  ready_timeout=ready_timeout,
+                  sopts=ssh.SshOptions(connect_timeout=connect_timeout, config=hostfile.ssh_config,
+                                       options=dict(hostfile.ssh_options or {})))
+
+
 def _agent_trace(ctx, sweep, out: Path, trace: str, system: int, turns: int, conversations: int,
                  api_key: Optional[str], ready_timeout: float, connect_timeout: float) -> int:
     """`--trace agent` (launcher/bench/agent.py): one trace per sweep cluster and server."""
-    from launcher import ssh
     from launcher.bench import agent
-    from launcher.bench.runner import Runner, Target
+    from launcher.bench.runner import Runner
 
     if trace != "agent":
         raise ConfigError(f"--trace {trace!r}: expected agent.")
     for flag, value in (("--trace-system", system), ("--trace-turns", turns), ("--trace-conversations", conversations)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: expected a whole number of at least 1.")
-    g = ctx.obj
-    hostfile, _ = load_cluster(g)
-    target = Target(hostfile=hostfile, hostfile_path=g.hostfile, topology_path=g.topology, api_key=api_key,
-                    ready_timeout=ready_timeout,
-                    sopts=ssh.SshOptions(connect_timeout=connect_timeout, config=hostfile.ssh_config,
-                                         options=dict(hostfile.ssh_options or {})))
-    runner = Runner(sweep, target, out, say=lambda m: print(m, file=sys.stderr, flush=True))
+    runner = Runner(sweep, _target(ctx.obj, api_key, ready_timeout, connect_timeout), out,
+                    say=lambda m: print(m, file=sys.stderr, flush=True))
     recs, failed = agent.run(runner, agent.Trace(system=system, turns=turns, conversations=conversations),
                              [*agent.SERVERS, *sweep.against])
     typer.echo(agent.report(recs))

@@ -62,6 +62,11 @@ def _greedy(client, max_tokens=24, messages=USER, **kw):
                                   extra_body=GREEDY, **kw)
 
 
+def _prompt(usage) -> int:
+    """The whole prompt: Anthropic counts tokens read from the (prefix) cache apart."""
+    return usage.input_tokens + usage.cache_read_input_tokens
+
+
 def _text(msg) -> str:
     return "".join(b.text for b in msg.content if b.type == "text")
 
@@ -105,7 +110,7 @@ def test_non_streaming_message_and_usage(client, tok):
     assert r.stop_reason == "max_tokens" and r.stop_sequence is None
     assert r.usage.output_tokens == 7
     expected = len(tok.apply_chat_template(USER, add_generation_prompt=True))
-    assert r.usage.input_tokens == expected == _count(client, messages=USER)
+    assert _prompt(r.usage) == expected == _count(client, messages=USER)
 
 
 def test_system_string_and_blocks(client, tok):
@@ -116,14 +121,14 @@ def test_system_string_and_blocks(client, tok):
     b = _greedy(client, max_tokens=6, system=as_blocks)
     internal = [{"role": "system", "content": system}] + USER
     n = len(tok.apply_chat_template(internal, add_generation_prompt=True))
-    assert a.usage.input_tokens == b.usage.input_tokens == n
+    assert _prompt(a.usage) == _prompt(b.usage) == n
     assert _count(client, messages=USER, system=as_blocks) == n
     assert _text(a) == _text(b)
     # user content as text blocks is the same prompt as the string
     c = _greedy(client, max_tokens=6, system=system, messages=[
         {"role": "user", "content": [{"type": "text", "text": "Tell me about the river "},
                                      {"type": "text", "text": "and the mountain."}]}])
-    assert c.usage.input_tokens == n and _text(c) == _text(a)
+    assert _prompt(c.usage) == n and _text(c) == _text(a)
 
 
 def test_streaming_matches_non_streaming(client):
@@ -136,7 +141,7 @@ def test_streaming_matches_non_streaming(client):
     assert set(types[2:-3]) == {"content_block_delta"}
     start = events[0].message
     assert start.id.startswith("msg_") and start.content == [] and start.stop_reason is None
-    assert start.usage.input_tokens == full.usage.input_tokens
+    assert start.usage.input_tokens == _prompt(full.usage)  # before the prefix cache has said what it reused
     text = "".join(e.delta.text for e in events if e.type == "content_block_delta")
     assert text == _text(full)
     delta = events[-2]
@@ -209,7 +214,7 @@ def test_prefill_continues_the_assistant_turn(client, tok):
     cont = tok.encode("The river", add_special_tokens=False)
     assert _count(client, messages=msgs) == base + len(cont)
     r = _greedy(client, max_tokens=4, messages=msgs)
-    assert r.usage.input_tokens == base + len(cont) and r.usage.output_tokens == 4
+    assert _prompt(r.usage) == base + len(cont) and r.usage.output_tokens == 4
 
 
 def test_disconnect_mid_stream_cancels(server, engine, client):
@@ -311,7 +316,7 @@ def test_tool_result_round_trip(client, tok):
                                tools=[WEATHER])
     assert r.stop_reason in ("max_tokens", "end_turn", "tool_use")
     n = _count(client, messages=turn, tools=[WEATHER])
-    assert r.usage.input_tokens == n
+    assert _prompt(r.usage) == n
     # the prompt carries the call and its result through the chat template
     prompt = tok.decode(tok.apply_chat_template(
         [USER[0],

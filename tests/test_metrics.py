@@ -96,10 +96,10 @@ def _send_all(cluster) -> dict[str, dict[str, int]]:
 
     an = anthropic.Anthropic(base_url=cluster.root, api_key=KEY, max_retries=0, timeout=60)
     m = an.messages.create(model=MODEL, max_tokens=6, messages=[{"role": "user", "content": "hi"}])
-    note("anthropic", m.usage.input_tokens, m.usage.output_tokens)
+    note("anthropic", m.usage.input_tokens + m.usage.cache_read_input_tokens, m.usage.output_tokens)
     with an.messages.stream(model=MODEL, max_tokens=9, messages=[{"role": "user", "content": "hello"}]) as s:
         m = s.get_final_message()
-    note("anthropic", m.usage.input_tokens, m.usage.output_tokens)
+    note("anthropic", m.usage.input_tokens + m.usage.cache_read_input_tokens, m.usage.output_tokens)
 
     ol = ollama.Client(host=cluster.root, headers={"Authorization": f"Bearer {KEY}"})
     r = ol.chat(model=MODEL, messages=[{"role": "user", "content": "hey"}], options={"num_predict": 5})
