@@ -58,8 +58,13 @@ def exec_(
                         heartbeat_timeout=heartbeat_timeout, grace=grace)
     g: Globals = ctx.obj
     hostfile, topology = load_cluster_at(g, port)
+    # `python -m runtime` ranks (the in-process bench) find rank 0's control channel from the
+    # data port, as under run; otherwise two jobs on one host would share its default port.
+    rank_env = collect_env(env, env_file)
+    rank_env.setdefault(contract.ENV_CONTROL, contract.format_control(contract.control_address(
+        hostfile.hosts[0].ips, hostfile.port, all_local=all(h.is_local for h in hostfile.hosts))))
     spec = plan_launch(hostfile, list(command), backend=backend, topology=topology,
-                       env=collect_env(env, env_file), np=np, verbose=g.verbose, blas=check_blas(blas))
+                       env=rank_env, np=np, verbose=g.verbose, blas=check_blas(blas))
     return launch(spec, sopts, dry_run=dry_run, tag_output=tag_output, log_dir=log_dir, timeout=timeout,
                   ready_timeout=ready_timeout, heartbeat_timeout=heartbeat_timeout, grace=grace)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-VERSION = 2  # 2: prefix cache (Insert.cached/entry, keep, evict) and the prefill chunk
+VERSION = 3  # 2: prefix cache (Insert.cached/entry, keep, evict), prefill chunk; 3: run (step leases)
 
 
 class VersionMismatch(ValueError):
@@ -38,7 +38,7 @@ class Insert:
 class StepDecision:
     inserts: list[Insert] = field(default_factory=list)
     removes: list[int] = field(default_factory=list)  # BatchGenerator uids, in order
-    step: bool = False  # run one batched forward
+    step: bool = False  # run batched forwards: `run` of them before the next decision
     stop: bool = False  # shut down after applying this decision
     # The prefix cache (runtime/prefix_cache.py), applied before removes and inserts: keep
     # [uid, entry id, tokens] stores the first `tokens` of a finished or leaving sequence's KV
@@ -46,12 +46,19 @@ class StepDecision:
     keep: list[list[int]] = field(default_factory=list)
     evict: list[int] = field(default_factory=list)
     prefill: int = 0  # prompt tokens per sequence this step prefills (0: as before)
+    # Steps every rank runs on this decision before reading the next (a lease): while nothing
+    # changes, followers run on without a message per step (runtime/engine.py).
+    run: int = 1
     version: int = VERSION
+
+    @property
+    def steps(self) -> int:
+        return self.run if self.step and not self.stop else 0
 
     def encode(self) -> bytes:
         return json.dumps({"v": self.version, "ins": [vars(i) for i in self.inserts], "rm": self.removes,
                            "step": self.step, "stop": self.stop, "keep": self.keep, "evict": self.evict,
-                           "prefill": self.prefill}, separators=(",", ":")).encode()
+                           "prefill": self.prefill, "run": self.run}, separators=(",", ":")).encode()
 
     @classmethod
     def decode(cls, data: bytes) -> "StepDecision":
@@ -60,7 +67,7 @@ class StepDecision:
         try:
             inserts = [Insert(**i) for i in msg["ins"]]
             return cls(inserts, list(msg["rm"]), bool(msg["step"]), bool(msg["stop"]),
-                       [list(k) for k in msg["keep"]], list(msg["evict"]), int(msg["prefill"]))
+                       [list(k) for k in msg["keep"]], list(msg["evict"]), int(msg["prefill"]), int(msg["run"]))
         except (KeyError, TypeError) as e:
             raise ValueError(f"malformed step decision ({type(e).__name__}: {e})") from None
 

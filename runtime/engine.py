@@ -38,6 +38,7 @@ from runtime import constrain, kv_quant
 from runtime.prefix_cache import GB, KVStore, PrefixIndex, cut, prefixable
 from runtime.decision import Insert, StepDecision
 from runtime.stepstats import StepStats
+from runtime.steptrace import StepTrace
 from runtime.requests import (
     EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, QueueFull, RequestHandle, TokenEvent,
 )
@@ -46,6 +47,8 @@ log = logging.getLogger("exolaunch.engine")
 
 PREFILL_CHUNK_SECONDS = 1.0  # a prefill step's target length: how late a cancel can take effect
 MIN_PREFILL_CHUNK = 64  # smaller chunks cost more in per-step overhead than they save in latency
+LEASE_SECONDS = 0.02  # steps per decision while nothing changes: how late a new request may join
+MAX_LEASE = 16
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -99,7 +102,8 @@ class _Live:
     finished: bool = False
     text: str = field(default="")
     cached: int = 0  # prompt tokens restored from the prefix cache
-    generated: list[int] = field(default_factory=list)
+    generated: list[int] = field(default_factory=list)  # every token the ranks produced for it
+    gen_done: bool = False  # the generator ended it (EOS, length): it leaves at the next decision
 
 
 class Engine:
@@ -111,7 +115,7 @@ class Engine:
     def __init__(self, model, tokenizer, *, model_id: str, model_path: Path, group, control=None,
                  context_length: int = 4096, prefill_step: int = 256, max_num_seqs: int = 32,
                  max_queue: int = 256, max_total_tokens: int | None = None, prefix_cache_gb: float = 1.0,
-                 kv_bits: int | None = None, kv_group_size: int = 64):
+                 kv_bits: int | None = None, kv_group_size: int = 64, speculator=None):
         self.model, self.tokenizer = model, tokenizer
         self.model_id, self.model_path = model_id, Path(model_path)
         self.group, self.control = group, control
@@ -145,6 +149,9 @@ class Engine:
         self._new_handles: list[RequestHandle] = []
         self._thread: threading.Thread | None = None
         self.steps = 0
+        self.spec = speculator  # runtime/speculative.py, or None: one token per sequence per step
+        self._step_ema = 0.0  # seconds per step, for the lease length
+        self._waited = 0.0
         self.stats = StepStats()  # step times for /metrics (runtime/stepstats.py)
 
     # -- rank 0: API side (any thread) ---------------------------------------------------
@@ -224,18 +231,21 @@ class Engine:
                 h.push(FinishEvent("error", len(h.request.prompt_tokens), counts.get(id(h), 0), error=reason))
 
     # -- the step decision ---------------------------------------------------------------
-    def _decide(self) -> StepDecision:
-        """Rank 0: wait for work, then return this step's decision. Requests join in arrival
-        order while they fit (admission above); the first that does not fit waits, and so does
-        everyone behind it, so a long request is never starved by short ones."""
+    def _decide(self, block: bool = True) -> StepDecision | None:
+        """Rank 0: this step's decision; with block, wait for work first, without, None when
+        there is none (the caller hands out the last tokens, then waits). Requests join in
+        arrival order while they fit (admission above); the first that does not fit waits, and
+        so does everyone behind it, so a long request is never starved by short ones."""
         removes, leaving = [], []
         with self._cv:
-            while not (self._pending or self._stopping or any(not lv.finished for lv in self._live.values())):
+            while not (self._pending or self._stopping or self._running()):
+                if not block:
+                    return None
                 self._cv.wait()
             stopping = self._stopping
             # _live changes only under the lock: fail() may close it from another thread.
             for uid, lv in list(self._live.items()):
-                if lv.finished:
+                if lv.finished or lv.gen_done:
                     removes.append(uid)
                     leaving.append(lv)
                     del self._live[uid]
@@ -255,6 +265,7 @@ class Engine:
                 if not h.cancelled.is_set():
                     running += 1
                     reserved += h.request.kv_tokens
+            waiting = bool(self._pending)
         keep, evict = self._keep(leaving) if self.index is not None and not stopping else ([], [])
         inserts = []
         for h in new:
@@ -270,8 +281,15 @@ class Engine:
                                   seed, eos=not p.ignore_eos, grammar=p.grammar, entry=entry, cached=cached))
             self._new_handles.append(h)
         step = not stopping and (bool(inserts) or bool(self._live))
+        # A lease: while nothing waits, every rank runs several steps on this decision, as many as
+        # fit in LEASE_SECONDS (new requests and cancels wait at most that long); one at a time
+        # while requests wait for a slot or prompts are being prefilled (long steps).
+        run = 1 if waiting or inserts else max(1, min(MAX_LEASE, int(LEASE_SECONDS / max(self._step_ema, 1e-4))))
         return StepDecision(inserts, removes, step=step, stop=stopping, keep=keep, evict=evict,
-                            prefill=self._chunk)
+                            prefill=self._chunk, run=run)
+
+    def _running(self) -> bool:
+        return any(not (lv.finished or lv.gen_done) for lv in self._live.values())
 
     def _keep(self, leaving: list[_Live]) -> tuple[list[list[int]], list[int]]:
         """Rank 0: which leaving sequences the prefix cache keeps, and what that evicts. Only a
@@ -281,9 +299,9 @@ class Engine:
         every path), which is also what the next turn of a conversation starts with."""
         keep, evict = [], []
         for lv in leaving:
-            if lv.completion == 0:
+            if not lv.generated:
                 continue
-            tokens = lv.handle.request.prompt_tokens + lv.generated[:lv.completion - 1]
+            tokens = lv.handle.request.prompt_tokens + lv.generated[:-1]
             if self.index.covers(tokens):
                 continue
             eid, dropped = self.index.add(tokens)
@@ -299,7 +317,8 @@ class Engine:
             if caches is None:  # still in the batch (a stop string, a cancel): copy it out first
                 caches = self.gen.extract_cache([uid])[uid][0]
             self.store.keep(eid, caches, n)
-        self._gen_finished.clear()
+        for uid in d.removes:  # gone from the batch: its held caches go too
+            self._gen_finished.pop(uid, None)
         for eid in d.evict:
             self.store.drop(eid)
         if d.removes:
@@ -324,32 +343,37 @@ class Engine:
 
     # -- loops -------------------------------------------------------------------------
     def run_leader(self) -> None:
+        """Rank 0's loop. Pipelined: after the last step of a lease the next decision is made and
+        sent before this step's tokens are detokenized and handed out, so the followers start the
+        next step while rank 0 does its bookkeeping (a request that this step finished by a stop
+        string runs one step more, whose token is discarded); within a lease no decision is sent
+        at all. mlx-lm's generator keeps the next step's graph queued (async_eval) meanwhile."""
         self._measure_kv()
         self.ready = True
+        trace = StepTrace(self.rank, self.model)
         try:
+            trace.start()
+            d = self._send(self._decide(), trace)
             while True:
-                self._new_handles: list[RequestHandle] = []
-                d = self._decide()
-                if self.control is not None:
-                    self.control.broadcast(d.encode())
-                uids = self._apply(d)
-                with self._cv:
-                    for uid, h, ins in zip(uids, self._new_handles, d.inserts):
-                        self._live[uid] = _Live(h, uid, self._detokenizer(), list(h.request.params.stop),
-                                                cached=ins.cached)
+                self._admit(d)
+                trace.mark("apply")
                 if d.stop:
                     self._close_open("the server is shutting down")
                     break
-                if d.step:
-                    t = time.perf_counter()
-                    c = self.gen._counters
-                    before = c.prompt_time, c.prompt_tokens
-                    _, responses = self.gen.next()
-                    self.stats.step(time.perf_counter() - t)
-                    self.steps += 1
-                    self._hold_finished(responses)
-                    self._size_chunk(c.prompt_time - before[0], c.prompt_tokens - before[1])
-                    self._dispatch(responses)
+                nxt = None
+                for i in range(d.steps):
+                    pairs = self._record(self._step(trace))
+                    if i == d.steps - 1:
+                        nxt = self._decide(block=False)
+                        trace.mark("decide")
+                        if nxt is not None:
+                            self._send(nxt, trace)
+                    self._emit(pairs)
+                    trace.mark("dispatch")
+                    trace.end(batch=len(pairs))
+                if nxt is None:
+                    nxt = self._send(self._decide(), trace)
+                d = nxt
         except Exception as e:  # a lost peer surfaces here as an mlx or socket error
             log.exception("engine step failed")
             self.fail(self.failed or f"engine failure on rank 0: {type(e).__name__}: {e}")
@@ -357,23 +381,59 @@ class Engine:
         finally:
             self.ready = False
 
+    def _send(self, d: StepDecision, trace: StepTrace) -> StepDecision:
+        if self.control is not None:
+            self.control.broadcast(d.encode())
+        trace.mark("send")
+        return d
+
+    def _admit(self, d: StepDecision) -> None:
+        """Rank 0: apply the decision, and start following the requests it inserted."""
+        uids = self._apply(d)
+        with self._cv:
+            for uid, h, ins in zip(uids, self._new_handles, d.inserts):
+                self._live[uid] = _Live(h, uid, self._detokenizer(), list(h.request.params.stop),
+                                        cached=ins.cached)
+            self._new_handles = []
+
+    def _step(self, trace: StepTrace) -> list:
+        """Every rank: one batched step (prefill chunk and/or decode), timed."""
+        t = time.perf_counter()
+        c = self.gen._counters
+        before = c.prompt_time, c.prompt_tokens
+        responses = self.spec.next(self.gen)[1] if self.spec is not None else self.gen.next()[1]
+        trace.mark("step")
+        spent = time.perf_counter() - t
+        self.stats.step(spent, waited=self._waited)
+        self._waited = 0.0
+        self.steps += 1
+        self._step_ema = spent if self._step_ema == 0 else 0.8 * self._step_ema + 0.2 * spent
+        self._hold_finished(responses)
+        if self.rank == 0:
+            self._size_chunk(c.prompt_time - before[0], c.prompt_tokens - before[1])
+        return responses
+
     def run_follower(self, recv) -> None:
-        """recv() returns the next encoded StepDecision from rank 0."""
+        """recv() returns the next encoded StepDecision from rank 0; the follower runs the
+        decision's lease of steps, then reads the next one (rank 0 sent it during the last)."""
         self._measure_kv()
         self.ready = True
+        trace = StepTrace(self.rank, self.model)
+        trace.start()
         busy = False
         while True:
             t0 = time.perf_counter()
             d = StepDecision.decode(recv())
+            trace.mark("recv")
             self._apply(d)
+            trace.mark("apply")
             if d.stop:
                 return
-            if d.step:
-                t = time.perf_counter()
-                self._hold_finished(self.gen.next()[1])
-                self.stats.step(time.perf_counter() - t, waited=t - t0 if busy else 0.0)
-                self.steps += 1
-            busy = d.step
+            self._waited = time.perf_counter() - t0 if busy else 0.0  # lock-step cost while requests run
+            for _ in range(d.steps):
+                self._step(trace)
+                trace.end()
+            busy = d.steps > 0
 
     def _hold_finished(self, responses) -> None:
         """Every rank: the caches of sequences the generator ended this step, until the next
@@ -423,13 +483,27 @@ class Engine:
             detok._maybe_trim_space = lambda text: text
         return detok
 
-    def _dispatch(self, responses) -> None:
-        for r in responses:
-            lv = self._live.get(r.uid)
-            if lv is None or lv.finished:
-                continue  # stopped by text or cancelled; its removal is in the next decision
+    def _record(self, responses) -> list[tuple[_Live, object]]:
+        """Rank 0, right after a step: note each running request's new tokens (what the next
+        decision needs: which sequences the generator ended, what their KV holds); the text
+        comes later, in _emit."""
+        pairs = []
+        with self._cv:
+            for r in responses:
+                lv = self._live.get(r.uid)
+                if lv is None or lv.finished or lv.gen_done:
+                    continue  # stopped by text or cancelled; its removal is in the next decision
+                lv.generated.append(r.token)
+                lv.gen_done = r.finish_reason is not None
+                pairs.append((lv, r))
+        return pairs
+
+    def _emit(self, pairs) -> None:
+        """Rank 0: detokenize, find stop strings and hand the tokens to the API."""
+        for lv, r in pairs:
+            if lv.finished:
+                continue  # a stop string earlier in this step (several tokens per step: speculation)
             lv.completion += 1
-            lv.generated.append(r.token)
             p = lv.handle.request.params
             logprob = top = None
             if p.logprobs:
