@@ -43,8 +43,8 @@ class _Progress:
         (self.bar.console.print if self.live else lambda m: print(m, file=sys.stderr, flush=True))(msg)
 
 
-@app.command("bench", help="Benchmark sweep: models × rank counts × backends × shardings × prompt tokens × generated "
-                           "tokens × concurrency × repeats, from --config (configs/sweeps/*.yaml) and/or flags. Per "
+@app.command("bench", help="Benchmark sweep: models × rank counts × backends × shardings × BLAS × prompt tokens × "
+                           "generated tokens × concurrency × repeats, from --config (configs/sweeps/*.yaml) and/or flags. Per "
                            "run: TTFT, TPOT, ITL and e2e percentiles, prompt/decode/aggregate tok/s, peak memory and "
                            "idle CPU per rank, % of the memory-bandwidth roofline. Writes OUT/results.jsonl (one "
                            "record per run; a rerun resumes), summary.csv, summary.md and PNG plots. --against "
@@ -57,6 +57,9 @@ def bench_(
     ranks: Optional[str] = typer.Option(None, "--ranks", help="Rank counts, e.g. 1,2 (first N hostfile slots)."),
     backend: Optional[str] = typer.Option(None, "--backend", help="Backends, e.g. mpi,ring."),
     sharding: Optional[str] = typer.Option(None, "--sharding", help="tensor and/or pipeline, e.g. tensor."),
+    blas: List[str] = typer.Option([], "--blas", help="CPU ranks' BLAS, for both servers alike (run's --blas; the "
+                                                      "anchor's ranks get the same LD_PRELOAD and threads), e.g. "
+                                                      "bundled,openblas (repeatable; default auto)."),
     prompt_tokens: Optional[str] = typer.Option(None, "--prompt-tokens", help="Exact prompt lengths, e.g. 32,512."),
     gen_tokens: Optional[str] = typer.Option(None, "--gen-tokens", help="Generated tokens per request (EOS suppressed)."),
     concurrency: Optional[str] = typer.Option(None, "--concurrency", help="Requests in flight at once, e.g. 1,8."),
@@ -85,6 +88,7 @@ def bench_(
     sweep = load_sweep(config, {
         "name": name, "models": list(model), "ranks": csv_ints("--ranks", ranks),
         "backends": csv_strs(backend), "shardings": csv_strs(sharding),
+        "blas": [m for b in blas for m in csv_strs(b)],
         "prompt_tokens": csv_ints("--prompt-tokens", prompt_tokens), "gen_tokens": csv_ints("--gen-tokens", gen_tokens),
         "concurrency": csv_ints("--concurrency", concurrency), "repeats": repeats, "warmup": warmup,
         "idle_seconds": idle_seconds, "against": csv_strs(against)})

@@ -34,6 +34,7 @@ class RunOptions:
     sharding: Optional[str] = None
     port: Optional[int] = None
     data_port: Optional[int] = None
+    blas: Optional[str] = None                # --blas: auto | openblas | bundled | PATH
     env: dict = field(default_factory=dict)  # set in the child and forwarded to every rank
     extra: tuple = ()                         # more `run` flags, verbatim
     ready_timeout: float = 900.0
@@ -48,7 +49,7 @@ def run_argv(model: str, o: RunOptions) -> list[str]:
     argv = [sys.executable, "-m", "launcher", *g, "run", model, "--no-tag-output",
             "--ready-timeout", str(o.ready_timeout)]
     for flag, value in (("-n", o.np), ("--backend", o.backend), ("--sharding", o.sharding),
-                        ("--port", o.port), ("--data-port", o.data_port)):
+                        ("--port", o.port), ("--data-port", o.data_port), ("--blas", o.blas)):
         if value is not None:
             argv += [flag, str(value)]
     for name in o.env:

@@ -4,6 +4,7 @@ ranks (every output file, sane values, resume after a kill)."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import signal
 import statistics
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from launcher.bench import measure, records, roofline
+from launcher.blas import find_openblas
 from launcher.bench.sweep import load_sweep
 from launcher.errors import ConfigError
 from tests.launch_helpers import env_for_tests, exolaunch_argv, run, ROOT
@@ -33,6 +35,7 @@ def test_sweep_from_yaml_and_flags(tmp_path):
 @pytest.mark.parametrize("text,needle", [
     ("ranks: [0]\n", "ranks: expected whole numbers of at least 1"),
     ("backends: [tcp]\n", "backends: unknown backend 'tcp'"),
+    ("blas: [bundled, fast]\n", "blas: unknown BLAS 'fast'; expected auto, openblas, bundled or an absolute path"),
     ("concurency: [1]\n", "concurency: unknown field"),
     ("ranks: [1\nmodels: x\n", ":2: not valid YAML"),
     ("- 1\n", "expected a mapping"),
@@ -48,6 +51,20 @@ def test_sweep_errors_name_file_and_field(tmp_path, text, needle):
 def test_bad_flag_is_one_line_exit_2():
     r = run("bench", "--ranks", "1,x", timeout=60)
     assert r.returncode == 2 and "--ranks '1,x'" in r.stderr and "Traceback" not in r.stderr
+    r = run("bench", "--blas", "bundled,fast", timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and "blas: unknown BLAS 'fast'" in r.stderr
+
+
+def test_blas_is_part_of_a_point_and_old_points_keep_their_keys():
+    old = {"model": "m", "ranks": 2, "hosts": ["local"] * 2, "backend": "mpi", "sharding": "tensor",
+           "prompt_tokens": 32, "gen_tokens": 128, "concurrency": 1}
+    legacy = hashlib.sha1(json.dumps(old, sort_keys=True).encode()).hexdigest()[:12]
+    assert records.point_key(old) == legacy  # records written before the blas axis keep their points
+    keys = {records.point_key({**old, "blas": b}) for b in ("auto", "bundled", "openblas")}
+    assert len(keys) == 3 and records.point_key(old) not in keys  # resume keys on blas
+    s = load_sweep(None, {"blas": ["bundled", "openblas"], "ranks": [1, 2]})
+    assert {cl[4] for cl in s.clusters()} == {"bundled", "openblas"} and len(list(s.clusters())) == 4
+    assert load_sweep(None, {}).blas == ["auto"]  # old sweeps: run's default, the anchor alike
 
 
 # -- measurement pieces ----------------------------------------------------------------------
@@ -142,6 +159,9 @@ def test_small_sweep_on_one_and_two_ranks_writes_every_output(tmp_path, model_ca
         assert len(m["idle_cpu_pct"]) == c["ranks"] and all(0 <= v < 50 for v in m["idle_cpu_pct"])
         assert x["roofline"]["ceiling_tok_s"] > 0 and x["roofline"]["pct_of_ceiling"] > 0
         assert x["env"]["versions"]["mlx"] and x["env"]["git_commit"] and c["hosts"] == ["local"] * c["ranks"]
+        # run's default --blas auto: OpenBLAS, read from the ranks' mapped libraries
+        assert c["blas"] == "auto" and len(x["blas"]["ranks"]) == c["ranks"]
+        assert ("libopenblas" in x["blas"]["library"]) == bool(find_openblas()), x["blas"]
     # launch to first token is on the first run of each cluster only
     assert sum(x["metrics"]["launch_to_first_token_s"] is not None for x in recs) == 2
     rows = list(csv.DictReader(open(out / "summary.csv")))
@@ -189,7 +209,7 @@ def test_against_mlx_lm_puts_both_servers_and_ratios_in_the_table(tmp_path, mode
     out = tmp_path / "out"
     env = env_for_tests(EXOLAUNCH_CACHE=str(model_cache))
     r = subprocess.run(_bench_argv(out, "--ranks", "2", "--backend", "mpi", "--concurrency", "2", "--repeats", "1",
-                                   "--against", "mlx-lm"),
+                                   "--against", "mlx-lm", "--blas", "bundled"),
                        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout + r.stderr
     recs = records.load(out / "results.jsonl")
@@ -198,9 +218,12 @@ def test_against_mlx_lm_puts_both_servers_and_ratios_in_the_table(tmp_path, mode
     for x in recs:  # the same exact-length prompts and full-length generations on both
         assert x["metrics"]["prompt_tokens_seen"] == 16 and x["metrics"]["tokens_generated"] == 16
         assert len(x["metrics"]["idle_cpu_pct"]) == 2 and x["metrics"]["launch_to_first_token_s"] > 0
+        # --blas bundled on both servers: mlx's own BLAS on every rank, no OpenBLAS
+        assert x["config"]["blas"] == "bundled" and "mlx" in x["blas"]["library"], x["blas"]
+        assert len(x["blas"]["ranks"]) == 2 and "openblas" not in x["blas"]["library"]
     rows = {row["server"]: row for row in csv.DictReader(open(out / "summary.csv"))}
     ours, anchor = rows["exolaunch"], rows["mlx-lm"]
     assert float(ours["aggregate_ratio"]) == pytest.approx(
         float(ours["aggregate_tok_s"]) / float(anchor["aggregate_tok_s"]), rel=1e-3)
-    assert "mlx-lm (anchor)" in r.stdout
+    assert "mlx-lm (anchor)" in r.stdout and "| bundled: libblas" in r.stdout
     _no_ranks_left()

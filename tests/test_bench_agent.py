@@ -20,3 +20,6 @@ def test_the_agent_trace_grows_conversations_that_the_prefix_cache_serves(engine
            "later_ttft_s": agent.later_ttft(rows)}
     md = agent.report([{**rec, "server": "exolaunch"}, {**rec, "server": "exolaunch-nocache"}])
     assert "| exolaunch-nocache |" in md and "(exolaunch: 1.00x)" in md
+    md = agent.report([{**rec, "server": "exolaunch", "blas": "openblas",
+                        "blas_library": "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblasp-r0.3.21.so"}])
+    assert ", blas openblas" in md and "| exolaunch (libopenblasp-r0.3.21.so) |" in md

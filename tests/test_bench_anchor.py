@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from launcher import blas
 from launcher.bench import anchor
 from launcher.bench.anchor import AnchorCluster, anchor_version
 from launcher.errors import ConfigError, LaunchError
@@ -23,6 +24,7 @@ from tests.launch_helpers import ROOT, token
 
 TAG_VAR = "EXOLAUNCH_BENCH_TAG"
 LOOPBACK_MPI = {"OMPI_MCA_btl": "self,tcp"}  # see tests/launch_helpers.env_for_tests
+OPENBLAS = blas.find_openblas()  # scripts/install.sh installs it; without it "openblas" cannot be checked
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +89,25 @@ def rank_processes(tag: str) -> list[psutil.Process]:
     return out
 
 
+def openblas_mapped(p: psutil.Process) -> list[str]:
+    """The OpenBLAS libraries in a process's memory (numpy's libscipy_openblas64_ does not count:
+    its symbols are renamed, mlx never calls it)."""
+    return sorted({m.path for m in p.memory_maps() if os.path.basename(m.path).startswith("libopenblas")})
+
+
+def check_blas(ranks: list[psutil.Process], mode: str) -> None:
+    """Each rank runs what `run --blas mode` gives ours: OpenBLAS preloaded and the cores
+    shared among the host's ranks, or nothing added."""
+    want = mode == "openblas" or (mode == "auto" and OPENBLAS is not None)
+    for p in ranks:
+        env = p.environ()
+        if want:
+            assert openblas_mapped(p) and OPENBLAS in env.get("LD_PRELOAD", ""), (p.pid, env.get("LD_PRELOAD"))
+            assert env["OPENBLAS_NUM_THREADS"] == str(max(1, os.cpu_count() // len(ranks)))
+        else:
+            assert not openblas_mapped(p) and "OPENBLAS_NUM_THREADS" not in env, p.pid
+
+
 def stream_completion(base_url: str, body: dict, timeout: float = 120) -> dict:
     """POST /v1/completions with stream: the text chunks, the finish reason and the usage."""
     hostport = base_url.split("//", 1)[1].split("/", 1)[0]
@@ -121,7 +142,8 @@ def test_two_ranks_stream_16_tokens_then_nothing_left(backend, llama, tmp_path):
     tag = token()
     log = tmp_path / "anchor.log"
     lines: list[str] = []
-    a = AnchorCluster(llama, builtin_local(), np=2, backend=backend,
+    mode = "openblas" if OPENBLAS else "auto"
+    a = AnchorCluster(llama, builtin_local(), np=2, backend=backend, blas=mode,
                       env={TAG_VAR: tag, **LOOPBACK_MPI}, log=log, ready_timeout=120, echo=lines.append)
     assert a.base_url == f"http://127.0.0.1:{a.port}/v1" and a.world_size == 2
     assert a.rank_cmd_marker == "mlx_lm.server" and a.model_name == str(llama.resolve())
@@ -129,6 +151,7 @@ def test_two_ranks_stream_16_tokens_then_nothing_left(backend, llama, tmp_path):
         assert 0 < a.started_at <= a.http_at <= a.ready_at
         ranks = rank_processes(tag)
         assert len(ranks) == 2, [r.cmdline() for r in ranks]  # both alive: one group, one server
+        check_blas(ranks, mode)
         body = {"model": a.model_name, "prompt": "the quick brown fox", "max_tokens": 16, "temperature": 0,
                 "stream": True, "stream_options": {"include_usage": True},
                 "logit_bias": {str(i): -1000 for i in eos_ids(llama)}}
@@ -164,9 +187,10 @@ def test_pipeline_sharding_over_mpi(model_cache):
 
     kimi = ensure("demo-kimi", size="tiny", cache_dir=model_cache)
     tag = token()
-    with AnchorCluster(kimi, builtin_local(), np=2, backend="mpi", sharding="pipeline",
+    with AnchorCluster(kimi, builtin_local(), np=2, backend="mpi", sharding="pipeline", blas="bundled",
                        env={TAG_VAR: tag, **LOOPBACK_MPI}, ready_timeout=120) as a:
         assert "--pipeline" in a.argv
+        check_blas(rank_processes(tag), "bundled")
         body = {"model": a.model_name, "prompt": "hello there", "max_tokens": 8, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}, "logit_bias": {str(i): -1000 for i in eos_ids(kimi)}}
         assert stream_completion(a.base_url, body)["usage"]["completion_tokens"] == 8
@@ -179,9 +203,14 @@ def test_ring_over_ssh_hosts(llama, ssh_cluster):
     hosts = [Host(h.alias, h.alias, ips=(h.ip,), slots=1, python=sys.executable) for h in ssh_cluster.hosts[:2]]
     hf = Hostfile(path="remote.yaml", ssh_config=str(ssh_cluster.ssh_config), hosts=hosts)
     tag = token()
-    with AnchorCluster(llama, hf, np=2, backend="ring", env={TAG_VAR: tag}, ready_timeout=120) as a:
+    # --blas resolved on each host over ssh (blas_env.py runs launcher/blas.py there)
+    with AnchorCluster(llama, hf, np=2, backend="ring", blas="auto", env={TAG_VAR: tag}, ready_timeout=120) as a:
         assert a.base_url.startswith(f"http://{ssh_cluster.hosts[0].ip}:")
         assert len(rank_processes(tag)) == 2
+        assert set(a.blas_env) == {h.alias for h in ssh_cluster.hosts[:2]}
+        for p in rank_processes(tag):  # each host has one rank: all its cores
+            assert bool(openblas_mapped(p)) == bool(OPENBLAS)
+            assert p.environ().get("OPENBLAS_NUM_THREADS") == (str(os.cpu_count()) if OPENBLAS else None)
         body = {"model": a.model_name, "prompt": "hello there", "max_tokens": 8, "temperature": 0, "stream": True,
                 "stream_options": {"include_usage": True}, "logit_bias": {str(i): -1000 for i in eos_ids(llama)}}
         assert stream_completion(a.base_url, body)["usage"]["completion_tokens"] == 8
@@ -274,8 +303,9 @@ def test_launcher_not_installed_is_a_launch_error(llama, monkeypatch, tmp_path):
 
 def test_bad_arguments_are_config_errors_from_start(llama):
     bad = [dict(backend="jaccl"), dict(backend="mpi", sharding="expert"), dict(backend="mpi", env={"A-B": "1"}),
-           dict(backend="mpi", hostfile=Hostfile(path="h.yaml", hosts=[Host("a", "local", slots=1)]))]
-    for kw, match in zip(bad, ["backend", "sharding", "A-B", "slots"]):
+           dict(backend="mpi", hostfile=Hostfile(path="h.yaml", hosts=[Host("a", "local", slots=1)])),
+           dict(backend="mpi", blas="fast")]
+    for kw, match in zip(bad, ["backend", "sharding", "A-B", "slots", "--blas 'fast'"]):
         a = AnchorCluster(llama, kw.pop("hostfile", builtin_local()), np=2, **kw)  # constructing never fails
         with pytest.raises(ConfigError, match=match):
             a.start()
@@ -319,6 +349,10 @@ def test_mpi_command_for_remote_hosts(llama, tmp_path):
     assert argv[i + 1:i + 5] == ["-np", "2", "--host", "h1:2"] and argv[i + 5] == "/opt/py/bin/python3"
     assert argv[-8:] == ["-m", "mlx_lm.server", "--model", a.model_name, "--host", "127.0.0.1", "--port", "8123"]
     assert TAG_VAR not in own  # mpirun itself is not a rank
+    # BLAS variables that differ per host go in front of that host's command, not in a global -x
+    argv, _, _ = anchor._mpi_command(a.hostfile, ["--port", "1"], {}, tmp_path, {"h1": {"LD_PRELOAD": "/x.so"}})
+    i = argv.index(":")
+    assert "env" not in argv[:i] and argv[i + 5:i + 8] == ["env", "LD_PRELOAD=/x.so", "/opt/py/bin/python3"]
     if os.geteuid() == 0:
         assert own["OMPI_ALLOW_RUN_AS_ROOT"] == "1" and own["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] == "1"
 
@@ -353,3 +387,24 @@ def test_one_ring_rank_runs_the_server_without_mlx_launch(llama, tmp_path):
     a = AnchorCluster(llama, builtin_local(), np=1, backend="ring", env={TAG_VAR: "t3"})
     argv, own, _ = a._commands(tmp_path)
     assert argv[:3] == [sys.executable, "-m", "mlx_lm.server"] and own[TAG_VAR] == "t3"
+
+
+def test_blas_env_on_a_remote_host_is_what_blas_py_says_there():
+    """The snippet blas_env.py sends to remote hosts runs launcher/blas.py itself (here on the
+    local host through launcher.remote, as over ssh)."""
+    import inspect
+
+    from launcher import ssh
+    from launcher.bench import blas_env, probes
+    from runtime.contract import ENV_BLAS, ENV_LOCAL_WORLD_SIZE
+
+    for mode, local in (("auto", 2), ("bundled", 1), ("openblas", 3), ("/no/such/libblas.so", 1)):
+        env = {ENV_BLAS: mode, ENV_LOCAL_WORLD_SIZE: str(local)}
+        got = probes.run_probe(builtin_local().hosts[0], blas_env._REMOTE,
+                               {"names": [ENV_BLAS, ENV_LOCAL_WORLD_SIZE], "env": env, "inherited": [],
+                                "source": inspect.getsource(blas)}, ssh.SshOptions())
+        add, error = blas.rank_env(env)
+        assert (got["add"], got["error"]) == (add, error), mode
+    assert blas_env.host_env(builtin_local().hosts[0], "bundled", 2, ssh.SshOptions()) == {}
+    with pytest.raises(LaunchError, match="does not exist.*Fix:"):
+        blas_env.host_env(builtin_local().hosts[0], "/no/such/libblas.so", 2, ssh.SshOptions())

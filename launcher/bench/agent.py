@@ -7,7 +7,8 @@ turn's requests in flight at once). Per turn: TTFT median and max over the conve
 tokens, and the cached prompt tokens the server reported (OpenAI's
 usage.prompt_tokens_details.cached_tokens, where it reports them).
 
-Servers, each on a fresh cluster of every sweep point (model x ranks x backend x sharding):
+Servers, each on a fresh cluster of every sweep point (model x ranks x backend x sharding x blas,
+the BLAS given to both servers alike as in the load sweep):
 exolaunch with its prefix cache, exolaunch with --prefix-cache-gb 0, and with --against mlx-lm,
 mlx_lm.server with its own prompt cache on (its default). Records go to OUT/agent.jsonl; the
 summary gives turns 2..N's mean TTFT and its ratio to the other servers'.
@@ -103,24 +104,27 @@ def run(runner, trace: Trace, servers: list[str]) -> tuple[list[dict], int]:
     failed = 0
     path = runner.out / "agent.jsonl"
     runner.out.mkdir(parents=True, exist_ok=True)
-    for model, ranks, backend, sharding in runner.sweep.clusters():
+    for model, ranks, backend, sharding, blas in runner.sweep.clusters():
         model_dir, _ = resolve_model(model)
         tokenizer = load_tokenizer(model_dir)
         for server in servers:
             kind = "exolaunch" if server.startswith("exolaunch") else server
-            cluster = runner._make_cluster(kind, model, model_dir, ranks, backend, sharding,
-                                           "exl" + uuid.uuid4().hex[:12])
+            tag = "exl" + uuid.uuid4().hex[:12]
+            cluster = runner._make_cluster(kind, model, model_dir, ranks, backend, sharding, tag, blas)
             if server == "exolaunch-nocache":
                 cluster.options.extra = (*cluster.options.extra, "--prefix-cache-gb", "0")
             suppress = {"ignore_eos": True} if kind == "exolaunch" else {}
             rec = {"trace": "agent", "sweep": runner.sweep.name, "server": server, "model": model, "ranks": ranks,
-                   "backend": backend, "sharding": sharding, "trace_config": vars(trace)}
-            runner.say(f"exolaunch: bench: agent trace on {server} {model} {ranks} rank(s) {backend} {sharding}")
+                   "backend": backend, "sharding": sharding, "blas": blas, "blas_library": None,
+                   "trace_config": vars(trace)}
+            runner.say(f"exolaunch: bench: agent trace on {server} {model} {ranks} rank(s) {backend} {sharding} "
+                       f"blas {blas}")
             try:
                 cluster.start()
                 name = getattr(cluster, "model_name", model)
                 measure.first_token_at(cluster.base_url, {"model": name, "prompt": "warm up", "max_tokens": 2,
                                                           "temperature": 0, **suppress}, api_key=runner.target.api_key)
+                rec["blas_library"] = _ran_blas(runner, ranks, tag, cluster.rank_cmd_marker)
                 rows = run_trace(cluster.base_url, name, tokenizer, trace, suppress=suppress,
                                  api_key=runner.target.api_key)
                 rec.update(ok=True, turns=rows, later_ttft_s=later_ttft(rows))
@@ -135,12 +139,29 @@ def run(runner, trace: Trace, servers: list[str]) -> tuple[list[dict], int]:
     return out, failed
 
 
+def _ran_blas(runner, ranks: int, tag: str, marker: str) -> str | None:
+    """The BLAS library the cluster's ranks run (probes.py), as the load sweep records it."""
+    from launcher.bench import probes
+    from launcher.bench.runner import blas_summary
+
+    names = set(runner._rank_hosts(ranks))
+    hosts = [h for h in runner.target.hostfile.hosts if h.name in names]
+    try:
+        return blas_summary(probes.RankMonitor(hosts, tag, marker, runner.target.sopts).blas())["library"]
+    except probes.ProbeError:
+        return None
+
+
+def _key(r: dict) -> tuple:
+    return r["model"], r["ranks"], r["backend"], r["sharding"], r.get("blas") or "auto"
+
+
 def report(recs: list[dict]) -> str:
     """Markdown: TTFT per turn per server, then turns 2..N against exolaunch's."""
     lines = []
-    for key in sorted({(r["model"], r["ranks"], r["backend"], r["sharding"]) for r in recs}):
-        group = [r for r in recs if (r["model"], r["ranks"], r["backend"], r["sharding"]) == key]
-        lines += [f"### agent trace: {key[0]}, {key[1]} rank(s), {key[2]}, {key[3]}", "",
+    for key in sorted({_key(r) for r in recs}):
+        group = [r for r in recs if _key(r) == key]
+        lines += [f"### agent trace: {key[0]}, {key[1]} rank(s), {key[2]}, {key[3]}, blas {key[4]}", "",
                   "| server | " + " | ".join(f"turn {t['turn']} TTFT s (cached)" for t in
                                              next((r["turns"] for r in group if r.get("ok")), [])) + " | turns 2+ |",
                   "|---" * (2 + len(next((r["turns"] for r in group if r.get("ok")), []))) + "|"]
@@ -152,7 +173,9 @@ def report(recs: list[dict]) -> str:
             cells = [f"{t['ttft_p50_s']:.2f} ({t['cached_tokens']})" for t in r["turns"]]
             ratio = f" (exolaunch: {base / r['later_ttft_s']:.2f}x)" if base and r["later_ttft_s"] and \
                 r["server"] != "exolaunch" else ""
-            lines.append(f"| {r['server']} | " + " | ".join(cells) + f" | {r['later_ttft_s']:.2f}{ratio} |")
+            ran = ", ".join(x.rsplit("/", 1)[-1] for x in (r.get("blas_library") or "").split(", ") if x)
+            server = f"{r['server']} ({ran})" if ran else r["server"]
+            lines.append(f"| {server} | " + " | ".join(cells) + f" | {r['later_ttft_s']:.2f}{ratio} |")
         lines.append("")
     return "\n".join(lines)
 

@@ -110,9 +110,12 @@ def _ssh_destination(host) -> str:
     return f"ssh://{host.ssh}:{host.port}" if host.port else host.ssh
 
 
-def _mpi_command(hf, server_args: list[str], env: dict[str, str], workdir: Path):
+def _mpi_command(hf, server_args: list[str], env: dict[str, str], workdir: Path,
+                 host_env: dict[str, dict[str, str]] | None = None):
     """(argv, env for mpirun itself, cwd). mpirun is run directly, not through `mlx.launch
-    --backend mpi`: that passes `--output :raw`, which OpenMPI 4 (4.1.4 here) rejects."""
+    --backend mpi`: that passes `--output :raw`, which OpenMPI 4 (4.1.4 here) rejects.
+    host_env: more variables for the ranks of one host (by name), set by `env` in front of
+    that host's command (mpirun's -x is for every rank)."""
     from launcher.backends import mpi
 
     try:
@@ -140,6 +143,9 @@ def _mpi_command(hf, server_args: list[str], env: dict[str, str], workdir: Path)
         argv += ["-np", str(h.slots), "--host", f"{mpi.mpi_hostname(h)}:{h.slots}"]
         if h.cwd:
             argv += ["-wdir", h.cwd]
+        extra = (host_env or {}).get(h.name)
+        if extra:  # `env` execs the server: the rank process is still python -m mlx_lm.server
+            argv += ["env", *(f"{k}={v}" for k, v in extra.items())]
         argv += [_python_of(h), "-m", RANK_MARKER, *server_args]
     own = {k: v for k, v in env.items() if k.startswith(("OMPI_", "PMIX_", "PRTE_"))}
     if os.geteuid() == 0:  # OpenMPI refuses root without both of these (containers, CI)
@@ -220,15 +226,19 @@ class AnchorCluster:
     def __init__(self, model_path: Path, hostfile, *, np: int, backend: str, sharding: str = "tensor",
                  port: int | None = None, data_port: int | None = None, env: dict[str, str] | None = None,
                  log: Path | None = None, ready_timeout: float = 900.0, echo=None,
-                 server_args: list[str] | tuple = (), grace: float = 5.0):
+                 server_args: list[str] | tuple = (), grace: float = 5.0, blas: str | None = None):
         """server_args: more mlx_lm.server flags, verbatim (e.g. ["--prompt-cache-size", "0"]);
-        grace: seconds between SIGTERM and SIGKILL on stop."""
+        grace: seconds between SIGTERM and SIGKILL on stop; blas: as `exolaunch run --blas`
+        (auto | openblas | bundled | PATH), the ranks then get the environment ours would
+        (blas_env.py); None leaves their environment as it is (mlx's bundled BLAS)."""
         from launcher.backends import first_slots
 
         self.model_path = Path(model_path).expanduser()
         self.backend, self.sharding = backend, sharding
         self.world_size = np
         self.env = {k: str(v) for k, v in (env or {}).items()}
+        self.blas = blas
+        self.blas_env: dict[str, dict[str, str]] = {}  # host name -> what --blas added for its ranks
         # Bad arguments are raised by start() (as ConfigError), so that constructing never fails.
         self._config_error: ConfigError | None = None
         try:
@@ -236,6 +246,13 @@ class AnchorCluster:
                 raise ConfigError(f"anchor backend {backend!r}: expected one of {', '.join(BACKENDS)}.")
             if sharding not in SHARDINGS:
                 raise ConfigError(f"anchor sharding {sharding!r}: expected one of {', '.join(SHARDINGS)}.")
+            if blas is not None:
+                from launcher.blas import check_mode
+
+                try:
+                    check_mode(blas)
+                except ValueError as e:
+                    raise ConfigError(f"anchor {e}") from None
             for k in self.env:
                 if not _ENV_KEY.fullmatch(k):
                     raise ConfigError(f"anchor env {k!r}: not a valid environment variable name.")
@@ -302,12 +319,33 @@ class AnchorCluster:
         env = dict(self.env)
         # We pass a path: never let a typo turn into a hub download that hangs on a closed network.
         env.setdefault("HF_HUB_OFFLINE", "1")
+        per_host = self._blas_env()
+        distinct = {json.dumps(v, sort_keys=True) for v in per_host.values()}
+        common = next(iter(per_host.values()), {}) if len(distinct) <= 1 else None
+        if common is not None:
+            env.update(common)  # the usual case: every host alike, -x / the hostfile's envs
         if self.backend == "mpi":
-            return _mpi_command(self.hostfile, self.server_argv(), env, workdir)
+            return _mpi_command(self.hostfile, self.server_argv(), env, workdir,
+                                None if common is not None else per_host)
+        if common is None:
+            raise LaunchError(f"anchor (backend ring): --blas {self.blas} needs different variables per host "
+                              f"({per_host}), but mlx.launch gives every rank the same environment. "
+                              "Fix: --backend mpi, or the same BLAS and cores on every host.")
         if self.data_port is None:
             n = sum(h.slots * len(h.ips) for h in self.hostfile.hosts)
             self.data_port = free_port_run(n)
         return _ring_command(self.hostfile, self.server_argv(), env, workdir, self.data_port)
+
+    def _blas_env(self) -> dict[str, dict[str, str]]:
+        """Per host, what `run --blas` would add to its ranks' environment (blas_env.py)."""
+        if self.blas is None:
+            return {}
+        from launcher import ssh
+        from launcher.bench.blas_env import host_env
+
+        sopts = ssh.SshOptions(config=self.hostfile.ssh_config, options=dict(self.hostfile.ssh_options or {}))
+        self.blas_env = {h.name: host_env(h, self.blas, h.slots, sopts) for h in self.hostfile.hosts}
+        return self.blas_env
 
     def start(self) -> "AnchorCluster":
         """Spawn, wait until rank 0 answers GET /v1/models, then until a one-token completion

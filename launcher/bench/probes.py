@@ -23,6 +23,27 @@ import os, subprocess
 tag, marker = PARAMS["tag"], PARAMS["marker"]
 _NOT_RANKS = ("launcher.agent", "mpirun", "prterun", "orted", "mlx.launch", "launcher.bench.anchor")
 out = []
+
+def blas_of(pid):
+    # The BLAS mlx's matmuls bind to: a preloaded one (LD_PRELOAD wins symbol lookup), else the
+    # one mlx brought (mlx_cpu.libs), else the first mapped one that is not an ILP64 build with
+    # renamed symbols (numpy's scipy_openblas64_, mapped in every rank, serves only numpy).
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            env = dict(x.split(b"=", 1) for x in f.read().split(b"\0") if b"=" in x)
+        pre = {os.path.realpath(p) for p in env.get(b"LD_PRELOAD", b"").decode().replace(" ", ":").split(":") if p}
+        libs = []
+        with open(f"/proc/{pid}/maps") as f:
+            for line in f:
+                parts = line.split(None, 5)
+                path = parts[5].strip() if len(parts) == 6 else ""
+                if path.startswith("/") and "blas" in os.path.basename(path).lower() and path not in libs:
+                    libs.append(path)
+    except (OSError, ValueError):
+        return None
+    return next((l for l in libs if l in pre), None) or next((l for l in libs if "mlx" in l), None) \
+        or next((l for l in libs if "64_" not in os.path.basename(l)), None)
+
 if os.path.isdir("/proc/self"):
     tick = os.sysconf("SC_CLK_TCK")
     for pid in os.listdir("/proc"):
@@ -42,6 +63,8 @@ if os.path.isdir("/proc/self"):
             out.append({"pid": int(pid), "cpu_s": (int(st[11]) + int(st[12])) / tick,
                         "rss_mb": int(status["VmRSS"].split()[0]) / 1024,
                         "peak_mb": int(status.get("VmHWM", status["VmRSS"]).split()[0]) / 1024})
+            if PARAMS.get("blas"):
+                out[-1]["blas"] = blas_of(pid)
         except (OSError, ValueError, KeyError, IndexError):
             continue
 else:
@@ -120,11 +143,12 @@ def run_probe(host, code: str, params: dict, sopts: ssh.SshOptions, timeout: flo
     return r.answers["result"]
 
 
-def rank_stats(hosts, tag: str, marker: str, sopts: ssh.SshOptions) -> list[dict]:
-    """Every rank process whose env has TAG_VAR=tag on these hosts: [{host, pid, cpu_s, rss_mb, peak_mb}]."""
+def rank_stats(hosts, tag: str, marker: str, sopts: ssh.SshOptions, blas: bool = False) -> list[dict]:
+    """Every rank process whose env has TAG_VAR=tag on these hosts: [{host, pid, cpu_s, rss_mb, peak_mb}],
+    with blas: also the path of the BLAS library its matmuls use (Linux; None elsewhere)."""
     out = []
     for h in hosts:
-        for r in run_probe(h, _RANK_STATS, {"tag": f"{TAG_VAR}={tag}", "marker": marker}, sopts):
+        for r in run_probe(h, _RANK_STATS, {"tag": f"{TAG_VAR}={tag}", "marker": marker, "blas": blas}, sopts):
             out.append({"host": h.name, **r})
     return sorted(out, key=lambda r: (r["host"], r["pid"]))
 
@@ -142,6 +166,10 @@ class RankMonitor:
             key = (r["host"], r["pid"])
             self.peak[key] = max(self.peak.get(key, 0.0), r["peak_mb"])
         return stats
+
+    def blas(self) -> list:
+        """Per rank (host, pid order), the BLAS library it runs: what a record reports."""
+        return [r.get("blas") for r in rank_stats(self.hosts, self.tag, self.marker, self.sopts, blas=True)]
 
     def peak_mb(self) -> list[float]:
         self.sample()

@@ -9,8 +9,14 @@ resume) reads these records and nothing else.
       "repeat": 0,                      # 0..repeats-1
       "server": "exolaunch" | "mlx-lm", # mlx-lm = the anchor, mlx.launch/mpirun + mlx_lm.server
       "config": {"model": str, "ranks": int, "hosts": [str], "backend": str, "sharding": str,
+                 "blas": str,           # the sweep's blas: auto | openblas | bundled | PATH (absent
+                                        # in records from before it existed)
                  "prompt_tokens": int, "gen_tokens": int, "concurrency": int},
       "ok": bool, "error": str | null,  # a failed run keeps its config and says why
+      "blas": {                         # what the server's ranks actually ran, read from each rank
+        "library": str | null,          # process's mapped libraries (null: unknown, e.g. macOS)
+        "ranks": [str | null per rank]
+      } | null,                         # null when the cluster did not start
       "metrics": {                      # absent when ok is false
         "ttft_s":  {"p50", "p90", "p99", "mean"},   # over the run's requests
         "tpot_s":  {"p50", "p90", "p99", "mean"},   # (e2e - ttft) / (tokens - 1), per request
@@ -42,12 +48,14 @@ import hashlib
 import json
 
 SCHEMA = 1
-CONFIG_KEYS = ("model", "ranks", "hosts", "backend", "sharding", "prompt_tokens", "gen_tokens", "concurrency")
+CONFIG_KEYS = ("model", "ranks", "hosts", "backend", "sharding", "blas", "prompt_tokens", "gen_tokens",
+               "concurrency")
+OPTIONAL_KEYS = ("blas",)  # keyed only when present: older records keep their keys
 
 
 def point_key(config: dict) -> str:
     """A short stable id for a sweep point (its config without the repeat or server)."""
-    blob = json.dumps({k: config[k] for k in CONFIG_KEYS}, sort_keys=True)
+    blob = json.dumps({k: config[k] for k in CONFIG_KEYS if k in config or k not in OPTIONAL_KEYS}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:12]
 
 

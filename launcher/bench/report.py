@@ -3,8 +3,10 @@
 
 Row fields (also the CSV columns, in this order; see ROW_KEYS):
 
-    point, model, ranks, hosts (joined by ","), backend, sharding, prompt_tokens, gen_tokens,
-    concurrency, server, repeats (ok runs), failed (not-ok runs),
+    point, model, ranks, hosts (joined by ","), backend, sharding, blas (the sweep's mode; empty in
+    records from before it), prompt_tokens, gen_tokens, concurrency, server,
+    blas_library (what this server's ranks ran, from the records; distinct values joined by "; "),
+    repeats (ok runs), failed (not-ok runs),
     decode_tok_s, aggregate_tok_s, prompt_tok_s,               # median over the ok repeats
     ttft_p50, ttft_p90, ttft_p99, tpot_*, itl_*, e2e_*          # SECONDS, as in the records:
                                                                 # each run's percentile, median over repeats
@@ -32,7 +34,8 @@ ANCHOR = "mlx-lm"
 EXOLAUNCH = "exolaunch"
 _SERVER_ORDER = {EXOLAUNCH: 0, ANCHOR: 1}
 
-CONFIG_FIELDS = ("model", "ranks", "hosts", "backend", "sharding", "prompt_tokens", "gen_tokens", "concurrency")
+CONFIG_FIELDS = ("model", "ranks", "hosts", "backend", "sharding", "blas", "prompt_tokens", "gen_tokens",
+                 "concurrency")
 LATENCIES = ("ttft", "tpot", "itl", "e2e")
 PCTS = ("p50", "p90", "p99")
 RATE_FIELDS = ("decode_tok_s", "aggregate_tok_s", "prompt_tok_s")
@@ -41,7 +44,7 @@ RATIO_FIELDS = ("decode_ratio", "aggregate_ratio", "ttft_p50_ratio", "launch_rat
 ROW_KEYS = (
     ("point",)
     + CONFIG_FIELDS
-    + ("server", "repeats", "failed")
+    + ("server", "blas_library", "repeats", "failed")
     + RATE_FIELDS
     + tuple(f"{lat}_{p}" for lat in LATENCIES for p in PCTS)
     + ("launch_to_first_token_s", "peak_mem_mb_max", "idle_cpu_pct_max", "ceiling_tok_s", "pct_of_ceiling")
@@ -93,7 +96,7 @@ def _record_point(rec: dict, cfg: dict) -> str:
     if rec.get("point"):
         return str(rec["point"])
     try:
-        return point_key(cfg)
+        return point_key({k: v for k, v in cfg.items() if k != "blas" or v is not None})
     except Exception:  # a record too broken to key: group it by its printed config
         return repr(sorted(cfg.items(), key=lambda kv: kv[0]))
 
@@ -115,7 +118,7 @@ def _sort_key(row: dict):
         return float("inf") if v is None else v
 
     return (
-        s(row["model"]), s(row["backend"]), s(row["sharding"]), n(row["ranks"]),
+        s(row["model"]), s(row["backend"]), s(row["sharding"]), s(row["blas"]), n(row["ranks"]),
         n(row["prompt_tokens"]), n(row["gen_tokens"]), n(row["concurrency"]), s(row["hosts"]),
         _SERVER_ORDER.get(row["server"], 2), s(row["server"]),
     )
@@ -131,6 +134,8 @@ def _summarize_group(point: str, cfg: dict, server: str, recs: list[dict]) -> di
     row["server"] = server
     row["repeats"] = len(ok)
     row["failed"] = len(bad)
+    libs = [_dig(r, "blas", "library") for r in (ok or recs)]
+    row["blas_library"] = "; ".join(sorted({str(x) for x in libs if x})) or None
 
     mets = [r.get("metrics") if isinstance(r.get("metrics"), dict) else {} for r in ok]
     for f in RATE_FIELDS:
@@ -242,6 +247,13 @@ def _fmt_ratios(row: dict) -> str:
     return " / ".join(_fmt(row.get(k), 2, suffix="×") for k in ("decode_ratio", "aggregate_ratio", "ttft_p50_ratio"))
 
 
+def _fmt_blas(row: dict) -> str:
+    """The sweep's mode and the library this server ran: "openblas: libopenblasp-r0.3.21.so"."""
+    libs = [lib.rsplit("/", 1)[-1] for lib in (row.get("blas_library") or "").split("; ") if lib]
+    mode = row.get("blas")
+    return ": ".join(x for x in (mode, ", ".join(libs)) if x) or _DASH
+
+
 def _cell(v) -> str:
     s = _DASH if v is None else str(v)
     return s.replace("|", "\\|").replace("\n", " ")
@@ -253,6 +265,7 @@ _MD_COLUMNS = (
     ("ranks", lambda r: r["ranks"]),
     ("backend", lambda r: r["backend"]),
     ("sharding", lambda r: r["sharding"]),
+    ("BLAS", lambda r: _fmt_blas(r)),
     ("prompt / gen tok", lambda r: f"{_cell(r['prompt_tokens'])} / {_cell(r['gen_tokens'])}"),
     ("concurrency", lambda r: r["concurrency"]),
     ("server", lambda r: f"{r['server']} (anchor)" if r["server"] == ANCHOR else r["server"]),
@@ -275,7 +288,7 @@ _MD_COLUMNS = (
     ("× anchor launch", lambda r: _fmt(r["launch_ratio"], 2, suffix="×") if r["server"] == EXOLAUNCH and r["launch_ratio"] is not None else ""),
 )
 
-_TEXT_COLUMNS = {"model", "hosts", "backend", "sharding", "prompt / gen tok", "server"}
+_TEXT_COLUMNS = {"model", "hosts", "backend", "sharding", "BLAS", "prompt / gen tok", "server"}
 
 _HOW_TO_READ = (
     "How to read: each row is one sweep point on one server; rates and latencies are medians over "
@@ -285,6 +298,10 @@ _HOW_TO_READ = (
     "Peak MB is the largest rank's peak RSS; idle %core is the busiest rank's CPU use while idle "
     "(% of one core); % roofline is aggregate decode rate / memory-bandwidth ceiling. "
     f"{_DASH} = not measured."
+)
+_HOW_TO_READ_BLAS = (
+    " BLAS is the sweep's --blas for both servers of a point and, after the colon, the library each "
+    "server's ranks actually ran (read from their mapped libraries)."
 )
 
 
@@ -305,6 +322,9 @@ def markdown_table(rows: list[dict]) -> str:
         return "_No benchmark records._\n"
 
     columns = list(_MD_COLUMNS)
+    has_blas = any(r.get("blas") or r.get("blas_library") for r in rows)
+    if not has_blas:  # records from before the blas axis: the table they always had
+        columns = [c for c in columns if c[0] != "BLAS"]
     if _needs_hosts_column(rows):
         columns.insert(2, ("hosts", lambda r: r["hosts"]))
 
@@ -325,7 +345,7 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         out.append("| " + " | ".join(_cell(fn(r)) for _, fn in columns) + " |")
     out.append("")
-    out.append(_HOW_TO_READ)
+    out.append(_HOW_TO_READ + (_HOW_TO_READ_BLAS if has_blas else ""))
 
     failed_rows = [r for r in rows if r.get("failed")]
     if failed_rows:
@@ -334,7 +354,8 @@ def markdown_table(rows: list[dict]) -> str:
         out.append("")
         for r in failed_rows:
             where = (f"{r['model']}, {r['ranks']} rank(s), {r['backend']}/{r['sharding']}, "
-                     f"{r['prompt_tokens']}/{r['gen_tokens']} tok, concurrency {r['concurrency']}, {r['server']}")
+                     + (f"blas {r['blas']}, " if r.get("blas") else "")
+                     + f"{r['prompt_tokens']}/{r['gen_tokens']} tok, concurrency {r['concurrency']}, {r['server']}")
             out.append(f"- {_cell(where)}: {r['failed']} failed — {_cell(r.get('errors') or 'no error given')}")
     return "\n".join(out) + "\n"
 
@@ -399,8 +420,9 @@ def plot_throughput_vs_ranks(rows: list[dict], path) -> Path | None:
 
     # A line is (model, backend, sharding, server); prompt/gen go into it only if they vary.
     shapes = {(r["prompt_tokens"], r["gen_tokens"]) for r in rows}
+    blases = {r.get("blas") for r in rows}
     def line_key(r):
-        k = (r["model"], r["backend"], r["sharding"])
+        k = (r["model"], r["backend"], f"{r['sharding']}" + (f" blas {r.get('blas')}" if len(blases) > 1 else ""))
         return k + ((r["prompt_tokens"], r["gen_tokens"]) if len(shapes) > 1 else ())
 
     fig, axes = _new_figure(2)
@@ -457,10 +479,12 @@ def plot_latency_vs_throughput(rows: list[dict], path) -> Path | None:
         return None
 
     shardings = {r["sharding"] for r in rows}
+    blases = {r.get("blas") for r in rows}
     shapes = {(r["prompt_tokens"], r["gen_tokens"]) for r in rows}
     def line_key(r):
         k = (r["model"], r["ranks"], r["backend"])
         k += (r["sharding"],) if len(shardings) > 1 else ()
+        k += (f"blas {r.get('blas')}",) if len(blases) > 1 else ()
         k += (f"p{r['prompt_tokens']}/g{r['gen_tokens']}",) if len(shapes) > 1 else ()
         return k
 

@@ -1,4 +1,4 @@
-"""Runs a sweep: per (model, ranks, backend, sharding) one cluster per server (exolaunch, then
+"""Runs a sweep: per (model, ranks, backend, sharding, blas) one cluster per server (exolaunch, then
 the anchor if asked), warm it up, measure idle CPU, then every (prompt, gen, concurrency) ×
 repeat on it, appending each record to results.jsonl the moment it exists. A rerun skips what
 is already recorded as ok, so an interrupted sweep resumes where it stopped.
@@ -69,6 +69,12 @@ def eos_ids(model_dir: Path, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def blas_summary(per_rank: list) -> dict:
+    """A record's "blas": the library its ranks ran (None: unknown, e.g. macOS), and per rank."""
+    libs = sorted({x for x in per_rank if x})
+    return {"library": ", ".join(libs) if libs else None, "ranks": per_rank}
+
+
 class Runner:
     def __init__(self, sweep: Sweep, target: Target, out_dir: Path, *, progress=None, say=print, echo=None):
         self.sweep, self.target, self.out = sweep, target, Path(out_dir)
@@ -104,10 +110,10 @@ class Runner:
         return out
 
     def _config(self, cl, ld) -> dict:
-        model, ranks, backend, sharding = cl
+        model, ranks, backend, sharding, blas = cl
         prompt, gen, conc = ld
         return {"model": model, "ranks": ranks, "hosts": self._rank_hosts(ranks), "backend": backend,
-                "sharding": sharding, "prompt_tokens": prompt, "gen_tokens": gen, "concurrency": conc}
+                "sharding": sharding, "blas": blas, "prompt_tokens": prompt, "gen_tokens": gen, "concurrency": conc}
 
     def _rank_hosts(self, n: int) -> list[str]:
         sub = first_slots(self.target.hostfile, n)
@@ -144,15 +150,15 @@ class Runner:
 
         from runtime.contract import ModelError, resolve_model
 
-        model, ranks, backend, sharding = cl
-        label = f"{server} {model} {ranks} rank(s) {backend} {sharding}"
+        model, ranks, backend, sharding, blas = cl
+        label = f"{server} {model} {ranks} rank(s) {backend} {sharding} blas {blas}"
         try:
             model_dir, _ = resolve_model(model)
             tokenizer = load_tokenizer(model_dir)
         except ModelError as e:
             return self._fail_all(cl, server, todo, env, f"model: {e}")
         tag = "exl" + uuid.uuid4().hex[:12]
-        cluster = self._make_cluster(server, model, model_dir, ranks, backend, sharding, tag)
+        cluster = self._make_cluster(server, model, model_dir, ranks, backend, sharding, tag, blas)
         if server != "exolaunch":
             self._variant += 1
             cluster.ready_prompt = measure.exact_text_prompt(tokenizer, 32, self._variant)
@@ -185,12 +191,14 @@ class Runner:
                 for _ in range(max(0, self.sweep.warmup - 1)):
                     measure.run_burst(cluster.base_url, [body(32, 8)], api_key=self.target.api_key)
                 idle = monitor.idle_cpu(self.sweep.idle_seconds) if self.sweep.idle_seconds else []
+                ran = monitor.blas()  # what each rank's matmuls really use, whatever the mode said
             except (RuntimeError, OSError, probes.ProbeError) as e:
                 return self._fail_all(cl, server, todo, env, f"warm-up: {e}")
             for (prompt, gen, conc), rep in todo:
                 config = self._config(cl, (prompt, gen, conc))
                 self._show(0, f"{label}: prompt {prompt}, gen {gen}, x{conc}, repeat {rep + 1}")
                 rec = self._record(config, server, rep, env)
+                rec["blas"] = blas_summary(ran)
                 try:
                     m = measure.run_burst(cluster.base_url, [body(prompt, gen) for _ in range(conc)],
                                           api_key=self.target.api_key)
@@ -209,7 +217,7 @@ class Runner:
             self._show(0, f"stopping {label}")
             cluster.stop()
 
-    def _make_cluster(self, server, model, model_dir, ranks, backend, sharding, tag):
+    def _make_cluster(self, server, model, model_dir, ranks, backend, sharding, tag, blas=None):
         from launcher.served import RunOptions, ServedCluster
 
         env = {probes.TAG_VAR: tag}
@@ -220,7 +228,7 @@ class Runner:
                 env[contract.ENV_API_KEY] = self.target.api_key
             c = ServedCluster(model, RunOptions(
                 hostfile=self.target.hostfile_path, topology=self.target.topology_path, np=ranks, backend=backend,
-                sharding=sharding, port=free_port(), data_port=free_port() + 1, env=env,
+                sharding=sharding, port=free_port(), data_port=free_port() + 1, env=env, blas=blas,
                 ready_timeout=self.target.ready_timeout),
                 log=self.out / "cluster.log", echo=self.echo)
             c.model_name = model
@@ -230,7 +238,7 @@ class Runner:
 
         return AnchorCluster(model_dir, self.target.hostfile, np=ranks, backend=backend, sharding=sharding,
                              port=free_port(), env=env, log=self.out / "anchor.log",
-                             ready_timeout=self.target.ready_timeout, echo=self.echo)
+                             ready_timeout=self.target.ready_timeout, echo=self.echo, blas=blas)
 
     def _roofline(self, model_dir, rank_hosts, sharding, bw, prompt, gen, conc, m) -> Optional[dict]:
         if not bw or any(h not in bw for h in rank_hosts):
@@ -244,10 +252,10 @@ class Runner:
     def _record(self, config: dict, server: str, rep: int, env: dict) -> dict:
         return {"schema": records.SCHEMA, "sweep": self.sweep.name, "point": records.point_key(config),
                 "repeat": rep, "server": server, "config": config, "ok": False, "error": None,
-                "metrics": None, "roofline": None, "env": env}
+                "blas": None, "metrics": None, "roofline": None, "env": env}
 
     def _fail_all(self, cl, server, todo, env, message: str) -> None:
-        self.say(f"exolaunch: bench: {server} {cl[0]} on {cl[1]} rank(s) ({cl[2]}, {cl[3]}): {message}")
+        self.say(f"exolaunch: bench: {server} {cl[0]} on {cl[1]} rank(s) ({cl[2]}, {cl[3]}, blas {cl[4]}): {message}")
         for ld, rep in todo:
             rec = self._record(self._config(cl, ld), server, rep, env)
             rec["error"] = message

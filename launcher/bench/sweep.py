@@ -10,6 +10,7 @@ configs/sweeps/ or from flags (flags override the file's fields).
     prompt_tokens: [32, 512]
     gen_tokens: [128]
     concurrency: [1, 8]
+    blas: [bundled, openblas]  # CPU ranks on Linux, both servers alike (default [auto]: OpenBLAS if found)
     repeats: 3
     warmup: 1                  # untimed requests per cluster before its first point
     idle_seconds: 5            # idle-CPU window per cluster
@@ -19,16 +20,18 @@ configs/sweeps/ or from flags (flags override the file's fields).
 from __future__ import annotations
 
 import itertools
+import os
 from pathlib import Path
 from typing import Iterator
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from launcher.blas import MODES as BLAS_MODES  # or an absolute path to a BLAS library
 from launcher.errors import ConfigError
 from runtime.contract import BACKENDS, SHARDINGS
 ANCHORS = ("mlx-lm",)
-LIST_FIELDS = ("models", "ranks", "backends", "shardings", "prompt_tokens", "gen_tokens", "concurrency")
+LIST_FIELDS = ("models", "ranks", "backends", "shardings", "blas", "prompt_tokens", "gen_tokens", "concurrency")
 
 
 def _positive(vs: list[int]) -> list[int]:
@@ -45,6 +48,14 @@ def _members(vs: list[str], allowed: tuple, what: str) -> list[str]:
     return vs
 
 
+def _blas_modes(vs: list[str]) -> list[str]:
+    bad = [v for v in vs if v not in BLAS_MODES and not os.path.isabs(v)]
+    if bad:
+        raise ValueError(f"unknown BLAS {bad[0]!r}; expected {', '.join(BLAS_MODES)} or an absolute path to a "
+                         f"BLAS library")
+    return vs
+
+
 class Sweep(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -53,6 +64,8 @@ class Sweep(BaseModel):
     ranks: list[int] = Field(default_factory=lambda: [2], min_length=1)
     backends: list[str] = Field(default_factory=lambda: ["mpi"], min_length=1)
     shardings: list[str] = Field(default_factory=lambda: ["tensor"], min_length=1)
+    # `run --blas` for our ranks and the same environment for the anchor's (launcher/blas.py)
+    blas: list[str] = Field(default_factory=lambda: ["auto"], min_length=1)
     prompt_tokens: list[int] = Field(default_factory=lambda: [32], min_length=1)
     gen_tokens: list[int] = Field(default_factory=lambda: [128], min_length=1)
     concurrency: list[int] = Field(default_factory=lambda: [1], min_length=1)
@@ -66,10 +79,11 @@ class Sweep(BaseModel):
     _backends = field_validator("backends")(lambda vs: _members(vs, BACKENDS, "backend"))
     _shardings = field_validator("shardings")(lambda vs: _members(vs, SHARDINGS, "sharding"))
     _against = field_validator("against")(lambda vs: _members(vs, ANCHORS, "anchor"))
+    _blas = field_validator("blas")(_blas_modes)
 
-    def clusters(self) -> Iterator[tuple[str, int, str, str]]:
-        """(model, ranks, backend, sharding): what needs a cluster of its own."""
-        return itertools.product(self.models, self.ranks, self.backends, self.shardings)
+    def clusters(self) -> Iterator[tuple[str, int, str, str, str]]:
+        """(model, ranks, backend, sharding, blas): what needs a cluster of its own."""
+        return itertools.product(self.models, self.ranks, self.backends, self.shardings, self.blas)
 
     def loads(self) -> list[tuple[int, int, int]]:
         """(prompt_tokens, gen_tokens, concurrency) measured on each cluster."""
