@@ -8,7 +8,8 @@ misbehaves. The agent gives every rank the same guarantees on every host:
 - the program runs in its own session; the agent kills that whole process group on the way out;
 - if the supervisor goes away (its stdin closes, a write to it fails, or the agent is re-parented)
   the program is terminated, so a dropped SSH connection never leaves an orphan;
-- it reports started / ready / heartbeat / stopped (SIGSTOP) / exit as control frames.
+- it reports started / ready / heartbeat / stopped (SIGSTOP) / exit, and the rank's phase
+  milestones (launcher.rankapi.phase), as control frames.
 
 Wire format, agent -> supervisor (one frame per line on stdout):
     \\x1e<kind><rank>:<payload>\\n
@@ -35,6 +36,7 @@ import tempfile
 import time
 
 from launcher.blas import rank_env as rank_blas_env
+from launcher.rankapi import PHASE_PREFIX
 from runtime.contract import ENV_CONTROL_FD
 
 FRAME = b"\x1e"
@@ -275,7 +277,7 @@ class Agent:
                     if not data:
                         watch.discard(fd)
                     for line in data.decode(errors="replace").split():
-                        if line in ("ready", "hb"):
+                        if line in ("ready", "hb") or line.startswith(PHASE_PREFIX):
                             self.link.event(line)
                 elif fd == stdin_fd:
                     self._on_stdin(watch)

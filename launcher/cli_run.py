@@ -233,6 +233,10 @@ def run_(
     kv_share = kv_scale(kv_bits, kv_group_size)  # the plan's KV memory with --kv-bits
     plan = _plan_or_none(model, hostfile, topology, backend=backend, sharding=sharding, np=np,
                          context=max_model_len, kv_share=kv_share)
+    from launcher.timeline import Timeline
+
+    timeline = Timeline()  # the line run prints once it serves (launcher/timeline.py)
+    timeline.mark("plan")
     asked_sharding, asked_backend = sharding, backend  # a re-plan after a host is lost chooses again
     if plan is not None:
         if dry_run:
@@ -314,13 +318,14 @@ def run_(
             print(report.render(), file=sys.stderr)
             print("exolaunch: refusing to start: fix the problems above (or --skip-doctor).", file=sys.stderr)
             return EXIT_REFUSED
+        timeline.mark("preflight")
     door.start()
     try:
         return _serve_restarting(
             state, restart, rank_spec, None if skip_doctor else check, sopts, tag_output=tag_output,
             log_dir=log_dir, ready_timeout=ready_timeout, heartbeat_timeout=heartbeat_timeout, grace=grace,
             first=(hostfile, np, plan, first_addr),
-            fresh_ports=data_port_auto, api_key=api_key,
+            fresh_ports=data_port_auto, api_key=api_key, timeline=timeline,
             replan=lambda hf, np_: _plan_or_none(model, hf, topology, backend=asked_backend,
                                                  sharding=asked_sharding, np=np_, context=max_model_len, quiet=True,
                                                  kv_share=kv_share))
@@ -359,7 +364,7 @@ def _fallback_config(url: Optional[str], key_env: Optional[str], models: List[st
 
 
 def _serve_restarting(state, max_restarts: int, rank_spec, check, sopts, *, tag_output, log_dir, ready_timeout,
-                      heartbeat_timeout, grace, first, fresh_ports: bool, replan, api_key) -> int:
+                      heartbeat_timeout, grace, first, fresh_ports: bool, replan, api_key, timeline=None) -> int:
     """Launch, and with --restart N relaunch (launcher/restart.py) behind the front door."""
     import threading
     import time
@@ -391,6 +396,9 @@ def _serve_restarting(state, max_restarts: int, rank_spec, check, sopts, *, tag_
         if state.expected_ready is None:  # the first launch: guess it loads as fast as last time
             state.expected_ready = t_launch + state.load_seconds
         ended, lock = threading.Event(), threading.Lock()  # ready and torn down never interleave
+        timed = timeline is not None and state.restarts == 0  # the first launch's timeline only
+        if timed:
+            timeline.launching(spec.world_size)
 
         def ready() -> None:  # every rank is loaded: serve once rank 0's engine says it is ready
             threading.Thread(target=confirm_ready, daemon=True, name="exolaunch-ready").start()
@@ -398,6 +406,7 @@ def _serve_restarting(state, max_restarts: int, rank_spec, check, sopts, *, tag_
         def confirm_ready() -> None:
             if not wait_until_ready(upstream, api_key, stop=ended.is_set):
                 return
+            api_at = time.monotonic()
             with lock:
                 if ended.is_set():
                     return
@@ -407,6 +416,8 @@ def _serve_restarting(state, max_restarts: int, rank_spec, check, sopts, *, tag_
             _publish(state)
             if state.restarts == 0:
                 say(f"serving {state.model} on {spec.world_size} rank(s): {state.url}")
+                if timed:
+                    say(timeline.render(api_at))
             else:
                 since = f", {time.monotonic() - restarter.failed_at:.1f} s after the failure" \
                     if restarter.failed_at else ""
@@ -430,7 +441,8 @@ def _serve_restarting(state, max_restarts: int, rank_spec, check, sopts, *, tag_
 
         opts = supervisor.Options(tag_output=tag_output, log_dir=log_dir, timeout=None, ready_timeout=ready_timeout,
                                   heartbeat_timeout=heartbeat_timeout, grace=grace, ssh=sopts,
-                                  on_all_ready=ready, on_teardown=torn_down)
+                                  on_all_ready=ready, on_teardown=torn_down,
+                                  on_event=timeline.on_event if timed else None)
         return supervisor.run(spec, opts)
 
     restarter = Restarter(policy, state, launch=launch_once, check=check, replan=replan, say=say,

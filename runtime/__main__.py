@@ -18,8 +18,9 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
-from launcher.rankapi import ready
+from launcher.rankapi import phase, ready
 from runtime import contract
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -80,10 +81,12 @@ def serve(args) -> int:
     from runtime.group import init_group
     from runtime.contract import ModelError, context_length, resolve_model
     from runtime.loader import load
+    from runtime.warm import ENV_WARM, warm
 
     t0 = time.monotonic()
     group = init_group()
     rank, world = group.rank(), group.size()
+    phase("up")  # milestones for run's timeline (launcher/timeline.py)
     if rank == 0 and args.cmd == "serve":
         # FastAPI and uvicorn take ~0.5 s to import; do it while the weights load (mlx
         # releases the GIL there) instead of after, since it is on the launch-to-first-token path.
@@ -98,13 +101,21 @@ def serve(args) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"[load] loaded rank {rank}/{world} in {time.monotonic() - t0:.1f} s", flush=True)
+    phase("weights")
     try:
         from runtime.kv_quant import cache_factory
 
-        cache_factory(model, args.kv_bits, args.kv_group_size)  # the flags fit this model, or one line
+        make_cache = cache_factory(model, args.kv_bits, args.kv_group_size)  # the flags fit this model, or one line
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+
+    def warm_up() -> None:
+        # Every rank, as its first collectives after the load (runtime/warm.py): before a
+        # follower connects to rank 0, and on rank 0 while its API starts.
+        if args.cmd == "serve" and os.environ.get(ENV_WARM, "1") != "0":
+            say(rank, f"warmed up in {warm(model, make_cache):.1f} s")
+            phase("warm")
     ctx = args.max_model_len or context_length(config)
     engine_kw = dict(model_id=model_id, model_path=path, group=group, context_length=ctx,
                      prefill_step=args.prefill_step, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
@@ -113,6 +124,7 @@ def serve(args) -> int:
     ctl_host, ctl_port = contract.parse_control(os.environ.get(contract.ENV_CONTROL))
 
     if rank != 0:
+        warm_up()
         try:
             follower = control.Follower(ctl_host, ctl_port, rank, CONTROL_TIMEOUT)
         except (ConnectionError, TimeoutError) as e:  # refused, or no rank 0: the launcher must act
@@ -148,16 +160,25 @@ def serve(args) -> int:
         engine.shutdown()
         return 0
 
-    from runtime.api.server import start
-
     # The engine thread and the API thread share rank 0's GIL. At the default 5 ms switch
     # interval a waiting engine thread can lose milliseconds per token to the API thread,
     # and every other rank waits in its all-reduce meanwhile.
     sys.setswitchinterval(float(os.environ.get(contract.ENV_SWITCH_INTERVAL, "0.0005")))
     leader = control.Leader(ctl_host, ctl_port, world) if world > 1 else None
     engine = Engine(model, tokenizer, control=leader, **engine_kw)
-    server = start(engine, args.host, args.port, api_key=os.environ.get(contract.ENV_API_KEY) or None,
-                   max_body_mb=args.max_body_mb, strict_max_tokens=args.strict_max_tokens)
+
+    def start_api():
+        from runtime.api.server import start  # waits for the import begun before the load
+
+        return start(engine, args.host, args.port, api_key=os.environ.get(contract.ENV_API_KEY) or None,
+                     max_body_mb=args.max_body_mb, strict_max_tokens=args.strict_max_tokens)
+
+    # The API's import and start (~0.5 s, more when the load was quicker than the import) run
+    # while this rank warms up; /ready answers 503 until the engine loop runs.
+    with ThreadPoolExecutor(1, thread_name_prefix="exolaunch-api-start") as pool:
+        started = pool.submit(start_api)
+        warm_up()
+        server = started.result()
     if leader is not None:
         leader.on_peer_lost = lambda r, msg: engine.fail(
             msg.get("error") or f"rank {r} stopped: its process ended or its host is unreachable")
