@@ -165,6 +165,12 @@ def run_(
     kv_bits: Optional[int] = typer.Option(None, "--kv-bits", help="Quantize the KV cache to 8 or 4 bits "
                                                                   "(continuous batching stays on)."),
     kv_group_size: int = typer.Option(64, "--kv-group-size", help="Values per KV quantization group: 32, 64 or 128."),
+    speculative: Optional[str] = typer.Option(
+        None, "--speculative", help="Speculative decoding: ngram (prompt lookup: drafts from the request's own "
+                                    "text, verified by every rank in one forward; greedy output unchanged)."),
+    num_speculative_tokens: int = typer.Option(5, "--num-speculative-tokens", help="Draft tokens per step."),
+    ngram_prompt_lookup_max: int = typer.Option(4, "--ngram-prompt-lookup-max", help="Longest n-gram looked up."),
+    ngram_prompt_lookup_min: int = typer.Option(1, "--ngram-prompt-lookup-min", help="Shortest n-gram looked up."),
     force: bool = typer.Option(False, "--force", help="Start even if the plan says the model does not fit."),
     skip_doctor: bool = typer.Option(False, "--skip-doctor", help="Skip the preflight checks of `exolaunch doctor`."),
     blas: Optional[str] = BLAS_OPTION,
@@ -207,6 +213,12 @@ def run_(
         raise ConfigError(f"--kv-bits {kv_bits}: expected 8 or 4.")
     if kv_group_size not in (32, 64, 128):
         raise ConfigError(f"--kv-group-size {kv_group_size}: expected 32, 64 or 128.")
+    if speculative not in (None, "ngram"):
+        raise ConfigError(f"--speculative {speculative!r}: expected ngram (draft models are not supported yet).")
+    if not (1 <= num_speculative_tokens <= 64 and 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max <= 64):
+        raise ConfigError(f"--num-speculative-tokens {num_speculative_tokens}, --ngram-prompt-lookup-min "
+                          f"{ngram_prompt_lookup_min}, --ngram-prompt-lookup-max {ngram_prompt_lookup_max}: expected "
+                          "1..64 draft tokens and 1 <= min <= max <= 64.")
     if not 0 < max_body_mb <= 4096:
         raise ConfigError(f"--max-body-mb {max_body_mb:g}: expected megabytes between 0 and 4096.")
     if log_level not in ("debug", "info", "warning", "error"):
@@ -275,6 +287,10 @@ def run_(
             command += ["--prefix-cache-gb", f"{pcg:g}"]
         if kv_bits:
             command += ["--kv-bits", str(kv_bits), "--kv-group-size", str(kv_group_size)]
+        if speculative:
+            command += ["--speculative", speculative, "--num-speculative-tokens", str(num_speculative_tokens),
+                        "--ngram-prompt-lookup-max", str(ngram_prompt_lookup_max),
+                        "--ngram-prompt-lookup-min", str(ngram_prompt_lookup_min)]
         if mlen:
             command += ["--max-model-len", str(mlen)]
         if mtt:

@@ -64,9 +64,15 @@ def parse(argv):
     s.add_argument("--kv-bits", type=int, default=None, choices=(4, 8), help="quantize the KV cache to 8 or 4 bits")
     s.add_argument("--kv-group-size", type=int, default=64, choices=(32, 64, 128),
                    help="values per quantization group of the KV cache (with --kv-bits)")
+    s.add_argument("--speculative", default=None, choices=("ngram",),
+                   help="speculative decoding: n-gram prompt lookup drafts, verified in one forward")
+    s.add_argument("--num-speculative-tokens", type=int, default=5)
+    s.add_argument("--ngram-prompt-lookup-max", type=int, default=4)
+    s.add_argument("--ngram-prompt-lookup-min", type=int, default=1)
     b = sub.add_parser("bench", parents=[], help="drive the engine in-process from rank 0 (no HTTP)")
     for a in ("--model", "--sharding", "--prefill-step", "--max-num-seqs", "--max-queue", "--max-model-len",
-              "--max-total-tokens", "--prefix-cache-gb", "--kv-bits", "--kv-group-size"):
+              "--max-total-tokens", "--prefix-cache-gb", "--kv-bits", "--kv-group-size", "--speculative",
+              "--num-speculative-tokens", "--ngram-prompt-lookup-max", "--ngram-prompt-lookup-min"):
         b._add_action(next(x for x in s._actions if a in x.option_strings))
     b.add_argument("--prompt-tokens", type=int, default=32)
     b.add_argument("--gen-tokens", type=int, default=128)
@@ -117,10 +123,20 @@ def serve(args) -> int:
             say(rank, f"warmed up in {warm(model, make_cache):.1f} s")
             phase("warm")
     ctx = args.max_model_len or context_length(config)
+    speculator = None
+    if args.speculative == "ngram":
+        from runtime.speculative import Speculator
+
+        try:
+            speculator = Speculator(args.num_speculative_tokens, args.ngram_prompt_lookup_max,
+                                    args.ngram_prompt_lookup_min)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
     engine_kw = dict(model_id=model_id, model_path=path, group=group, context_length=ctx,
                      prefill_step=args.prefill_step, max_num_seqs=args.max_num_seqs, max_queue=args.max_queue,
                      max_total_tokens=args.max_total_tokens, prefix_cache_gb=args.prefix_cache_gb,
-                     kv_bits=args.kv_bits, kv_group_size=args.kv_group_size)
+                     kv_bits=args.kv_bits, kv_group_size=args.kv_group_size, speculator=speculator)
     ctl_host, ctl_port = contract.parse_control(os.environ.get(contract.ENV_CONTROL))
 
     if rank != 0:

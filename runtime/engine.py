@@ -317,8 +317,10 @@ class Engine:
             if caches is None:  # still in the batch (a stop string, a cancel): copy it out first
                 caches = self.gen.extract_cache([uid])[uid][0]
             self.store.keep(eid, caches, n)
-        for uid in d.removes:  # gone from the batch: its held caches go too
+        for uid in d.removes:  # gone from the batch: its held caches and draft statistics go too
             self._gen_finished.pop(uid, None)
+            if self.spec is not None:
+                self.spec.forget(uid)  # on every rank alike: its state steers what a rank drafts
         for eid in d.evict:
             self.store.drop(eid)
         if d.removes:
@@ -527,8 +529,10 @@ class Engine:
 
     def _finish(self, lv: _Live, reason: str, tail: str = "", stop_string: str | None = None) -> None:
         lv.finished = True
+        drafted, accepted = self.spec.stats(lv.uid) if self.spec is not None else (0, 0)
         lv.handle.push(FinishEvent(reason, len(lv.handle.request.prompt_tokens), lv.completion,
-                                   text=tail, stop_string=stop_string, cached_tokens=lv.cached))
+                                   text=tail, stop_string=stop_string, cached_tokens=lv.cached,
+                                   draft_tokens=drafted, accepted_draft_tokens=accepted))
 
     @staticmethod
     def _find_stop(lv: _Live, text: str) -> tuple[str | None, int]:

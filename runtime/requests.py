@@ -68,6 +68,10 @@ class FinishEvent:
     stop_string: str | None = None  # the stop string that ended generation, if any
     error: str | None = None
     cached_tokens: int = 0  # of prompt_tokens, how many the prefix cache served (no prefill)
+    # Speculative decoding (--speculative): draft tokens proposed for this request, and how many of
+    # them the model accepted (each accepted one is a completion token that cost no forward pass).
+    draft_tokens: int = 0
+    accepted_draft_tokens: int = 0
 
 
 Event = TokenEvent | FinishEvent

@@ -20,7 +20,8 @@ Read at scrape time (`ClusterCollector`), labelled model_name:
 
 `status()` is the same state as JSON for the dashboard and `exolaunch top`, plus the recent
 requests. With a prefix cache, rank 0 adds prefix_cache_queries_total and prefix_cache_hits_total
-(tokens, as vLLM counts them). Restarts are the front door's (launcher/frontdoor.py): a rank 0
+(tokens, as vLLM counts them); with --speculative, spec_decode_num_drafts_total,
+spec_decode_num_draft_tokens_total and spec_decode_num_accepted_tokens_total. Restarts are the front door's (launcher/frontdoor.py): a rank 0
 restarted with its cluster starts from zero, so it cannot count them.
 """
 
@@ -344,6 +345,15 @@ class ClusterCollector(Collector):
                     ("prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.",
                      stats.prefix_queries),
                     ("prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.", stats.prefix_hits)):
+                c = CounterMetricFamily(PREFIX + metric, doc, labels=["model_name"])
+                c.add_metric([name], value)
+                yield c
+        spec = getattr(m.engine, "spec", None)
+        if spec is not None:  # vLLM's spec_decode counters
+            for metric, doc, value in (
+                    ("spec_decode_num_drafts", "Number of spec decoding drafts.", spec.num_drafts),
+                    ("spec_decode_num_draft_tokens", "Number of draft tokens.", spec.num_draft_tokens),
+                    ("spec_decode_num_accepted_tokens", "Number of accepted tokens.", spec.num_accepted_tokens)):
                 c = CounterMetricFamily(PREFIX + metric, doc, labels=["model_name"])
                 c.add_metric([name], value)
                 yield c

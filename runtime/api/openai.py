@@ -145,18 +145,25 @@ class _Usage:
         self.cached = [0] * len(prompt_lens)  # of each prompt, tokens the prefix cache served
         self.n = n
         self.completion = 0
+        self.drafted = self.accepted = 0  # speculative decoding's draft tokens
 
     def add(self, index: int, fin: FinishEvent) -> None:
         self.completion += fin.completion_tokens
+        self.drafted += fin.draft_tokens
+        self.accepted += fin.accepted_draft_tokens
         if index % self.n == 0 and fin.prompt_tokens:
             self.prompt[index // self.n] = fin.prompt_tokens
             self.cached[index // self.n] = fin.cached_tokens
 
     def body(self) -> dict[str, Any]:
         prompt = sum(self.prompt)
-        return {"prompt_tokens": prompt, "completion_tokens": self.completion,
-                "total_tokens": prompt + self.completion,
-                "prompt_tokens_details": {"cached_tokens": sum(self.cached)}}
+        out = {"prompt_tokens": prompt, "completion_tokens": self.completion,
+               "total_tokens": prompt + self.completion,
+               "prompt_tokens_details": {"cached_tokens": sum(self.cached)}}
+        if self.drafted:  # OpenAI's fields for predicted tokens the model did or did not accept
+            out["completion_tokens_details"] = {"accepted_prediction_tokens": self.accepted,
+                                                "rejected_prediction_tokens": self.drafted - self.accepted}
+        return out
 
 
 def _chunker(rid: str, obj: str, created: int, model: str, body: _Common):
