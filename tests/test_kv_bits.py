@@ -32,7 +32,7 @@ def _same(a: SeqQuantizedKVCache, b: SeqQuantizedKVCache) -> bool:
 def test_batch_cache_keeps_each_sequence_through_merge_extend_filter_extract():
     a, b, c = _seq(5, 1), _seq(9, 2), _seq(3, 3)
     batch = BatchQuantizedKVCache.merge([a, b])
-    assert batch.bits == 8 and batch.group_size == 32
+    assert batch.kv_bits == 8 and batch.group_size == 32 and not hasattr(batch, "bits")  # float attention
     assert _same(batch.extract(0), a) and _same(batch.extract(1), b)
     batch.extend(BatchQuantizedKVCache.merge([c]))
     assert [_same(batch.extract(i), s) for i, s in enumerate((a, b, c))] == [True] * 3
@@ -40,8 +40,27 @@ def test_batch_cache_keeps_each_sequence_through_merge_extend_filter_extract():
     assert _same(batch.extract(0), a) and _same(batch.extract(1), c)
     # A new token for both: appended after each one's own history.
     k = mx.random.normal((2, 2, 1, 32), key=mx.random.key(9))
-    batch.update_and_fetch(k, k)
+    keys, values = batch.update_and_fetch(k, k)
     assert batch.extract(0).offset == 6 and batch.extract(1).offset == 4
+    # What attention gets: float K/V, exactly mx.dequantize of what the cache holds at rest.
+    w, scales, biases = (x[..., :batch._idx, :] for x in batch.keys)
+    assert keys.dtype == mx.float32 and keys.shape == (2, 2, batch._idx, 32) and scales.dtype == mx.float16
+    want = mx.dequantize(w, scales.astype(mx.float32), biases.astype(mx.float32), group_size=32, bits=8)
+    assert mx.array_equal(keys, want).item()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [mx.float32, mx.float16])
+def test_fast_dequantize_equals_mx_dequantize(bits, dtype):
+    from runtime.kv_quant import dequantize, quantize
+
+    x = mx.random.normal((2, 3, 40, 128), key=mx.random.key(bits)).astype(dtype)
+    for group in (32, 64, 128):
+        q = quantize(x, group, bits)
+        sliced = tuple(t[[1, 0]][..., 5:33, :] for t in q)  # as after filter and a step's [:_idx]
+        w, scales, biases = sliced
+        want = mx.dequantize(w, scales.astype(dtype), biases.astype(dtype), group_size=group, bits=bits)
+        assert mx.array_equal(dequantize(*sliced, group, bits, dtype), want).item(), group
 
 
 def test_8_bit_kv_takes_at_most_055x_float16_bytes_per_token():
@@ -52,6 +71,9 @@ def test_8_bit_kv_takes_at_most_055x_float16_bytes_per_token():
     q.update_and_fetch(k, k)
     ratio = cut(q, 100).nbytes / cut(full, 100).nbytes
     assert ratio <= 0.55, ratio
+    q32 = SeqQuantizedKVCache(64, 8)  # a float32 model's KV: scales kept in float16, same bytes
+    q32.update_and_fetch(k.astype(mx.float32), k.astype(mx.float32))
+    assert cut(q32, 100).nbytes == cut(q, 100).nbytes
     q4 = SeqQuantizedKVCache(64, 4)
     q4.update_and_fetch(k, k)
     assert cut(q4, 100).nbytes / cut(full, 100).nbytes <= 0.30
