@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+
 import os
 import subprocess
 import sys
@@ -31,6 +34,17 @@ def env_for_tests(**extra: str) -> dict:
     env["OMPI_MCA_btl"] = "self,tcp"
     env.update(extra)
     return env
+
+
+def rank_records(stdout: str) -> dict[int, dict]:
+    """The JSON line each rank of a test rank program printed ({"rank": N, ...}), by rank."""
+    ranks = {}
+    for line in stdout.splitlines():
+        m = re.search(r"(\{\"rank\".*)", line)
+        if m:
+            d = json.loads(m.group(1))
+            ranks[d["rank"]] = d
+    return ranks
 
 
 def run(*args: str, timeout: float = 90, input: str | None = None, env: dict | None = None):

@@ -19,7 +19,7 @@ import pytest
 
 from launcher.ports import free_data_port
 from runtime import gguf
-from tests.launch_helpers import ServingCluster, run
+from tests.launch_helpers import ServingCluster, rank_records, run
 from tests.tp_greedy import greedy
 
 if gguf.package_gguf("smollm2") is None:
@@ -67,12 +67,7 @@ def test_greedy_tokens_equal_one_process(smol_dir, reference, n, route):
     r = run("exec", "-n", str(n), "--port", str(free_data_port(n)), "--", "python", "-m", "tests.tp_chat_greedy",
             str(smol_dir), timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ranks = {}
-    for line in r.stdout.splitlines():
-        m = re.search(r"(\{\"rank\".*)", line)
-        if m:
-            d = json.loads(m.group(1))
-            ranks[d["rank"]] = d
+    ranks = rank_records(r.stdout)
     assert sorted(ranks) == list(range(n)), r.stdout[-3000:]
     assert re.findall(r"tensor parallel over \d ranks: ([\w -]+) \(", r.stdout + r.stderr) == [route]
     prompt, tokens = reference

@@ -10,7 +10,6 @@ sampled tokens (temperature 0.1 and 0.8), with speculation on.
 from __future__ import annotations
 
 import json
-import re
 import sys
 from pathlib import Path
 
@@ -254,18 +253,13 @@ def rank_main(model_dir: str) -> None:
 @pytest.mark.timeout(300)
 def test_two_ranks_agree_with_one_process(model, demo_model_path):
     from launcher.ports import free_data_port
-    from tests.launch_helpers import run
+    from tests.launch_helpers import rank_records, run
 
     ref = next(iter(decode(model, [LOOP])[0].values()))[0]
     r = run("exec", "-n", "2", "--port", str(free_data_port(2)), "--", "python", "-m", "tests.test_speculative",
             str(demo_model_path), timeout=240)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    ranks = {}
-    for line in r.stdout.splitlines():
-        m = re.search(r"(\{\"rank\".*)", line)
-        if m:
-            d = json.loads(m.group(1))
-            ranks[d["rank"]] = d
+    ranks = rank_records(r.stdout)
     assert sorted(ranks) == [0, 1]
     assert ranks[0]["greedy"] == ranks[1]["greedy"] == ref
     assert ranks[0]["accepted"] > 0
