@@ -76,20 +76,10 @@ class SeqQuantizedKVCache(QuantizedKVCache):
     def update_and_fetch(self, keys, values):
         """QuantizedKVCache's, with scales in scale_dtype (its triples go to mlx-lm's quantized
         attention, which takes float16 scales with float32 queries)."""
-        prev, n = self.offset, keys.shape[2]
-        if self.keys is None or prev + n > self.keys[0].shape[2]:
-            steps = (self.step + n - 1) // self.step * self.step
-            new = [_alloc(x.shape[0], x.shape[1], steps, x.shape[3], x.dtype, self.group_size, self.bits)
-                   for x in (keys, values)]
-            if self.keys is None:
-                self.keys, self.values = new
-            else:
-                self.keys, self.values = tree_map(lambda x, y: mx.concatenate([x[..., :prev, :], y], axis=2),
-                                                  (self.keys, self.values), tuple(new))
-        self.offset += n
-        for buf, x in ((self.keys, keys), (self.values, values)):
-            for i, part in enumerate(quantize(x, self.group_size, self.bits)):
-                buf[i][..., prev:self.offset, :] = part
+        prev = self.offset
+        self.keys, self.values = _store(self.keys, self.values, keys, values, prev, self.step,
+                                        self.group_size, self.bits)
+        self.offset += keys.shape[2]
         return self.keys_and_values()
 
     @classmethod
@@ -117,6 +107,24 @@ def _alloc(B, H, n, dim, dtype, group_size, bits):
             mx.zeros(groups, dtype=scale_dtype(dtype)), mx.zeros(groups, dtype=scale_dtype(dtype)))
 
 
+def _store(kq, vq, keys: mx.array, values: mx.array, at: int, step: int, group_size: int, bits: int):
+    """Write new keys and values, quantized, at position `at` of the (packed, scales, biases)
+    triples kq and vq, first growing them by whole `step`s of positions when they are too short
+    (or None); returns the triples. One sequence or a batch alike."""
+    n = keys.shape[2]
+    if kq is None or at + n > kq[0].shape[2]:
+        steps = (step + n - 1) // step * step
+        new = [_alloc(x.shape[0], x.shape[1], steps, x.shape[3], x.dtype, group_size, bits) for x in (keys, values)]
+        if kq is None:
+            kq, vq = new
+        else:
+            kq, vq = tree_map(lambda x, y: mx.concatenate([x[..., :at, :], y], axis=2), (kq, vq), tuple(new))
+    for buf, x in ((kq, keys), (vq, values)):
+        for i, part in enumerate(quantize(x, group_size, bits)):
+            buf[i][..., at:at + n, :] = part
+    return kq, vq
+
+
 def _pad_seq(x: mx.array, left: int, right: int) -> mx.array:
     return mx.pad(x, [(0, 0), (0, 0), (left, right), (0, 0)]) if left or right else x
 
@@ -131,24 +139,11 @@ class BatchQuantizedKVCache(BatchKVCache):
         self.group_size, self.kv_bits = group_size, bits
 
     def update_and_fetch(self, keys, values):
-        prev = self._idx
-        B, H, n, dk = keys.shape
-        if self.keys is None or prev + n > self.keys[0].shape[2]:
-            steps = (self.step + n - 1) // self.step * self.step
-            new_k = _alloc(B, H, steps, dk, keys.dtype, self.group_size, self.kv_bits)
-            new_v = _alloc(B, H, steps, values.shape[3], values.dtype, self.group_size, self.kv_bits)
-            if self.keys is not None:
-                self.keys, self.values = tree_map(lambda x, y: mx.concatenate([x[..., :prev, :], y], axis=2),
-                                                  (self.keys, self.values), (new_k, new_v))
-            else:
-                self.keys, self.values = new_k, new_v
+        n = keys.shape[2]
+        self.keys, self.values = _store(self.keys, self.values, keys, values, self._idx, self.step,
+                                        self.group_size, self.kv_bits)
         self.offset = self.offset + n
         self._idx += n
-        qk = quantize(keys, self.group_size, self.kv_bits)
-        qv = quantize(values, self.group_size, self.kv_bits)
-        for i in range(3):
-            self.keys[i][..., prev:self._idx, :] = qk[i]
-            self.values[i][..., prev:self._idx, :] = qv[i]
         return self._float(self.keys, keys.dtype), self._float(self.values, values.dtype)
 
     def _float(self, triple, dtype):

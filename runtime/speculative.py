@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import time
-from collections import OrderedDict
 
 import mlx.core as mx
 import numpy as np
@@ -34,7 +33,6 @@ from mlx_lm.models.cache import BatchKVCache
 
 MISSES_BEFORE_PAUSE = 2  # consecutive drafts with nothing accepted before drafting pauses
 MAX_PAUSE = 64  # steps; the pause doubles after each failed retry, up to this
-MAX_TRACKED = 4096  # uids whose stats are kept (followers never read them)
 
 
 def lookup(tokens, num_tokens: int = 5, lookup_max: int = 4, lookup_min: int = 1) -> list[int]:
@@ -114,7 +112,7 @@ class Speculator:
                              f"num_tokens={num_tokens}, lookup_min={lookup_min}, lookup_max={lookup_max}")
         self.num_tokens, self.lookup_max, self.lookup_min = num_tokens, lookup_max, lookup_min
         self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
-        self._seqs: OrderedDict[int, _Seq] = OrderedDict()
+        self._seqs: dict[int, _Seq] = {}  # forgotten on every rank as its sequence leaves
 
     def stats(self, uid: int) -> tuple[int, int]:
         """(drafted tokens, accepted tokens) of one sequence so far; (0, 0) if it never drafted."""
@@ -122,14 +120,14 @@ class Speculator:
         return (s.drafted, s.accepted) if s else (0, 0)
 
     def forget(self, uid: int) -> None:
+        """Drop a sequence that left the batch. Call it on every rank alike: the state steers
+        what a rank drafts, so the ranks' states must stay equal."""
         self._seqs.pop(uid, None)
 
     def _seq(self, uid: int) -> _Seq:
         s = self._seqs.get(uid)
         if s is None:
             s = self._seqs[uid] = _Seq(self.num_tokens)
-            while len(self._seqs) > MAX_TRACKED:
-                self._seqs.popitem(last=False)
         return s
 
     def next(self, gen):
