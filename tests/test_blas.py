@@ -25,6 +25,7 @@ needs_openblas = pytest.mark.skipif(sys.platform != "linux" or OPENBLAS is None,
 PROBE = ("import json, os, mlx.core as mx; "
          "a = mx.arange(12, dtype=mx.float32).reshape(3, 4); "
          "print(json.dumps({'threads': os.environ.get('OPENBLAS_NUM_THREADS'), "
+         "'core': os.environ.get('OPENBLAS_CORETYPE'), "
          "'mapped': 'openblas' in open('/proc/self/maps').read(), "
          "'mm': (a @ a.T).tolist()}))")
 
@@ -41,13 +42,16 @@ def test_ranks_get_openblas_with_the_hosts_cores_shared():
     assert len(ranks) == 2
     share = str(max(1, (os.cpu_count() or 1) // 2))
     assert all(r["mapped"] and r["threads"] == share for r in ranks)
+    # the kernels this CPU runs, named (None on a CPU without AVX2)
+    assert all(r["core"] == blas.core_type(open("/proc/cpuinfo").read()) for r in ranks)
     assert all(r["mm"] == [[14.0, 38.0, 62.0], [38.0, 126.0, 214.0], [62.0, 214.0, 366.0]] for r in ranks)
 
 
 @needs_openblas
 def test_bundled_and_explicit_path():
     (bundled,) = _ranks("-n", "1", "--blas", "bundled")
-    assert not bundled["mapped"] and bundled["threads"] is None
+    # not preloaded, but threads still shared: numpy's OpenBLAS runs the CPU attention
+    assert not bundled["mapped"] and bundled["threads"] == str(os.cpu_count() or 1) and bundled["core"] is None
     (path,) = _ranks("-n", "1", "--blas", OPENBLAS, "-x", "OPENBLAS_NUM_THREADS=1")
     assert path["mapped"] and path["threads"] == "1"  # the user's thread count wins
 
@@ -71,11 +75,21 @@ def test_rank_env_rules(monkeypatch):
     monkeypatch.setattr(blas, "find_openblas", lambda: lib)
     monkeypatch.setattr(os.path, "exists", lambda p: p == lib)
     env = {"EXOLAUNCH_LOCAL_WORLD_SIZE": "3", "LD_PRELOAD": "/other.so"}
-    assert blas.rank_env(env, cpu_count=8) == ({"LD_PRELOAD": f"{lib}:/other.so", "OPENBLAS_NUM_THREADS": "2"}, None)
+    assert blas.rank_env(env, cpu_count=8, cpuinfo="") == (
+        {"LD_PRELOAD": f"{lib}:/other.so", "OPENBLAS_NUM_THREADS": "2"}, None)
+    # Kernels named from the CPU's flags, unless the user named them.
+    avx512 = "flags\t\t: fpu sse3 avx2 fma avx512f avx512cd avx512bw avx512dq avx512vl\n"
+    assert blas.rank_env({}, cpuinfo=avx512)[0]["OPENBLAS_CORETYPE"] == "SkylakeX"
+    assert blas.rank_env({}, cpuinfo="flags : sse3 avx avx2 fma\n")[0]["OPENBLAS_CORETYPE"] == "Haswell"
+    assert "OPENBLAS_CORETYPE" not in blas.rank_env({}, cpuinfo="flags : sse3 avx\n")[0]
+    assert "OPENBLAS_CORETYPE" not in blas.rank_env({"OPENBLAS_CORETYPE": "Zen"}, cpuinfo=avx512)[0]
     assert blas.rank_env({"EXOLAUNCH_LOCAL_WORLD_SIZE": "4"}, cpu_count=2)[0]["OPENBLAS_NUM_THREADS"] == "1"
-    assert blas.rank_env({"EXOLAUNCH_BLAS": "bundled"}) == ({}, None)
+    # bundled: threads only (numpy's OpenBLAS runs the CPU attention in every mode)
+    assert blas.rank_env({"EXOLAUNCH_BLAS": "bundled"}, cpu_count=4) == ({"OPENBLAS_NUM_THREADS": "4"}, None)
+    assert blas.rank_env({"EXOLAUNCH_BLAS": "bundled", "OPENBLAS_NUM_THREADS": "3"}) == ({}, None)
     monkeypatch.setattr(blas, "find_openblas", lambda: None)
-    assert blas.rank_env({}) == ({}, None)  # auto without OpenBLAS: the bundled BLAS, no error
+    # auto without OpenBLAS: the bundled BLAS, no error
+    assert blas.rank_env({}, cpu_count=2) == ({"OPENBLAS_NUM_THREADS": "2"}, None)
     add, err = blas.rank_env({"EXOLAUNCH_BLAS": "openblas"})
     assert add == {} and "no OpenBLAS found" in err
 

@@ -19,7 +19,7 @@ from launcher import blas
 from launcher.errors import LaunchError
 from runtime.contract import ENV_BLAS, ENV_LOCAL_WORLD_SIZE
 
-INHERITED = ("LD_PRELOAD", "OPENBLAS_NUM_THREADS")  # what a rank would inherit and rank_env respects
+INHERITED = ("LD_PRELOAD", "OPENBLAS_NUM_THREADS", "OPENBLAS_CORETYPE")  # what a rank would inherit and rank_env respects
 
 # launcher/blas.py run on a remote host by a standard-library snippet (launcher.remote): its one
 # import, runtime.contract, is stood in for by the two names it uses.
@@ -40,7 +40,7 @@ say("result", {"add": add, "error": error})
 
 def host_env(host, mode: str, local_ranks: int, sopts) -> dict[str, str]:
     """The variables `--blas mode` adds to each of `local_ranks` ranks on `host` (LD_PRELOAD,
-    OPENBLAS_NUM_THREADS); LaunchError saying what to install when the host lacks the library."""
+    OPENBLAS_NUM_THREADS, OPENBLAS_CORETYPE); LaunchError saying what to install when the host lacks the library."""
     env = {ENV_BLAS: mode, ENV_LOCAL_WORLD_SIZE: str(local_ranks)}
     if host.is_local:
         add, error = blas.rank_env({**env, **{k: os.environ[k] for k in INHERITED if k in os.environ}})
