@@ -34,7 +34,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 from mlx_lm.sample_utils import apply_top_p
 
-from runtime import constrain, kv_quant
+from runtime import constrain, cpu_attention, kv_quant
 from runtime.prefix_cache import GB, KVStore, PrefixIndex, cut, prefixable
 from runtime.decision import Insert, StepDecision
 from runtime.stepstats import StepStats
@@ -238,7 +238,9 @@ class Engine:
         so does everyone behind it, so a long request is never starved by short ones."""
         removes, leaving = [], []
         with self._cv:
-            while not (self._pending or self._stopping or self._running()):
+            # Sequences that just ended are removed (and kept by the prefix cache) at once, not
+            # when the next request comes: keeping copies their KV, which is no request's wait.
+            while not (self._pending or self._stopping or self._live):
                 if not block:
                     return None
                 self._cv.wait()
@@ -287,9 +289,6 @@ class Engine:
         run = 1 if waiting or inserts else max(1, min(MAX_LEASE, int(LEASE_SECONDS / max(self._step_ema, 1e-4))))
         return StepDecision(inserts, removes, step=step, stop=stopping, keep=keep, evict=evict,
                             prefill=self._chunk, run=run)
-
-    def _running(self) -> bool:
-        return any(not (lv.finished or lv.gen_done) for lv in self._live.values())
 
     def _keep(self, leaving: list[_Live]) -> tuple[list[list[int]], list[int]]:
         """Rank 0: which leaving sequences the prefix cache keeps, and what that evicts. Only a
@@ -345,6 +344,16 @@ class Engine:
 
     # -- loops -------------------------------------------------------------------------
     def run_leader(self) -> None:
+        with cpu_attention.engine_scope():
+            self._lead()
+
+    def run_follower(self, recv) -> None:
+        """recv() returns the next encoded StepDecision from rank 0; the follower runs the
+        decision's lease of steps, then reads the next one (rank 0 sent it during the last)."""
+        with cpu_attention.engine_scope():
+            self._follow(recv)
+
+    def _lead(self) -> None:
         """Rank 0's loop. Pipelined: after the last step of a lease the next decision is made and
         sent before this step's tokens are detokenized and handed out, so the followers start the
         next step while rank 0 does its bookkeeping (a request that this step finished by a stop
@@ -415,9 +424,7 @@ class Engine:
             self._size_chunk(c.prompt_time - before[0], c.prompt_tokens - before[1])
         return responses
 
-    def run_follower(self, recv) -> None:
-        """recv() returns the next encoded StepDecision from rank 0; the follower runs the
-        decision's lease of steps, then reads the next one (rank 0 sent it during the last)."""
+    def _follow(self, recv) -> None:
         self._measure_kv()
         self.ready = True
         trace = StepTrace(self.rank, self.model)

@@ -25,6 +25,7 @@ import mlx.core as mx
 from mlx_lm.models.cache import KVCache, QuantizedKVCache
 
 GB = 10**9  # as the planner counts (launcher/catalogue.py)
+SHARE_SLACK = 16  # tokens of buffer beyond an entry that a kept view may pin
 _W = array("q").itemsize
 
 
@@ -154,7 +155,10 @@ class KVStore:
 
     def keep(self, eid: int, caches: list, n_tokens: int) -> None:
         """Store the first n_tokens of a finished sequence's caches under rank 0's id."""
-        kept = [cut(c, n_tokens) for c in caches]
+        # A finished sequence's extracted caches are already its own arrays, a token longer than
+        # what is kept: a view of them costs no copy (the next turn's request often waits on
+        # this). A view of a longer buffer would pin memory the budget does not count: copied.
+        kept = [cut(c, n_tokens, copy=_length(c) - n_tokens > SHARE_SLACK) for c in caches]
         mx.eval([c.state for c in kept if not c.empty()])
         self._entries[eid] = kept
 
@@ -162,23 +166,33 @@ class KVStore:
         self._entries.pop(eid, None)
 
     def restore(self, eid: int, n_tokens: int) -> list:
-        """Fresh per-layer caches holding the entry's first n_tokens (the entry is unchanged)."""
-        return [cut(c, n_tokens) for c in self._entries[eid]]
+        """Fresh per-layer caches holding the entry's first n_tokens (the entry is unchanged: they
+        are views of its arrays, which the generator copies into its batch when it merges them)."""
+        return [cut(c, n_tokens, copy=False) for c in self._entries[eid]]
 
 
-def cut(c, n: int):
-    """A new cache with the first n tokens of c; its arrays are exactly n long."""
+def _length(c) -> int:
+    """Tokens of buffer behind a cache's keys (its capacity, not its offset)."""
+    if c.keys is None:
+        return 0
+    return (c.keys[0] if isinstance(c.keys, tuple) else c.keys).shape[2]
+
+
+def cut(c, n: int, copy: bool = True):
+    """A new cache with the first n tokens of c; with copy its arrays are exactly n long, else
+    views of c's (mlx copies a shared buffer before any write, so c never changes)."""
+    take = mx.contiguous if copy else (lambda x: x)
     if isinstance(c, QuantizedKVCache):
         out = type(c).__new__(type(c))
         out.__dict__.update(c.__dict__)  # group_size, bits (and any subclass settings)
         if c.keys is not None:
-            out.keys = tuple(mx.contiguous(x[..., :n, :]) for x in c.keys)
-            out.values = tuple(mx.contiguous(x[..., :n, :]) for x in c.values)
+            out.keys = tuple(take(x[..., :n, :]) for x in c.keys)
+            out.values = tuple(take(x[..., :n, :]) for x in c.values)
         out.offset = min(n, c.offset)
         return out
     out = KVCache()
     if c.keys is not None:
-        out.keys = mx.contiguous(c.keys[..., :n, :])
-        out.values = mx.contiguous(c.values[..., :n, :])
+        out.keys = take(c.keys[..., :n, :])
+        out.values = take(c.values[..., :n, :])
         out.offset = out.keys.shape[2]
     return out
