@@ -35,7 +35,7 @@ from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
 from mlx_lm.sample_utils import apply_top_p
 
 from runtime import constrain, cpu_attention, kv_quant
-from runtime.prefix_cache import GB, KVStore, PrefixIndex, cut, prefixable
+from runtime.prefix_cache import GB, KVStore, PrefixIndex, common_prefix, cut, prefixable
 from runtime.decision import Insert, StepDecision
 from runtime.stepstats import StepStats
 from runtime.steptrace import StepTrace
@@ -49,6 +49,7 @@ PREFILL_CHUNK_SECONDS = 1.0  # a prefill step's target length: how late a cancel
 MIN_PREFILL_CHUNK = 64  # smaller chunks cost more in per-step overhead than they save in latency
 LEASE_SECONDS = 0.02  # steps per decision while nothing changes: how late a new request may join
 MAX_LEASE = 16
+MIN_SHARE = 64  # tokens a running sequence must add over the prefix cache for a prompt to share its KV
 
 
 def _greedy(logprobs: mx.array) -> mx.array:
@@ -268,6 +269,7 @@ class Engine:
                     running += 1
                     reserved += h.request.kv_tokens
             waiting = bool(self._pending)
+            live = [lv for lv in self._live.values() if lv.generated and not lv.finished]
         keep, evict = self._keep(leaving) if self.index is not None and not stopping else ([], [])
         inserts = []
         for h in new:
@@ -277,7 +279,10 @@ class Engine:
             p = h.request.params
             seed = p.seed if p.seed is not None else random.getrandbits(31)
             prompt = h.request.prompt_tokens
-            entry, cached = self.index.lookup(prompt) if self.index is not None else (-1, 0)
+            entry, cached = (-1, 0)
+            if self.index is not None:
+                entry, cached = self.index.lookup(prompt)
+                entry, cached = self._share(prompt, entry, cached, live, inserts, keep, evict)
             self.stats.prefix_lookup(len(prompt), cached, self.index is not None)
             inserts.append(Insert(prompt[cached:], p.max_tokens, p.temperature, p.top_p, p.top_k,
                                   seed, eos=not p.ignore_eos, grammar=p.grammar, entry=entry, cached=cached))
@@ -308,6 +313,29 @@ class Engine:
             if eid >= 0:
                 keep.append([lv.uid, eid, len(tokens)])
         return keep, evict
+
+    def _share(self, prompt: list[int], entry: int, cached: int, live: list[_Live], inserts: list[Insert],
+               keep: list, evict: list) -> tuple[int, int]:
+        """Rank 0: a prompt that shares more with a running sequence than with any cache entry
+        (requests with one system prompt in flight together) reuses that sequence's KV: it is
+        kept in this same decision (keeps apply before inserts). Only sequences whose prompt is
+        all in their KV (they have produced a token); only for at least MIN_SHARE more tokens,
+        since keeping copies the sequence's KV out of the batch."""
+        best, n = None, cached
+        for lv in live:
+            m = min(common_prefix(lv.handle.request.prompt_tokens, prompt), len(prompt) - 1)
+            if m > n:
+                best, n = lv, m
+        if best is None or n - cached < MIN_SHARE:
+            return entry, cached
+        protect = {i.entry for i in inserts if i.cached} | {k[1] for k in keep}
+        eid, dropped = self.index.add(prompt[:n], protect=protect)
+        evict += dropped
+        if eid < 0:
+            return entry, cached
+        keep.append([best.uid, eid, n])
+        self.index.shared(cached, n)
+        return eid, n
 
     def _apply(self, d: StepDecision) -> list[int]:
         """Every rank: the same keeps, evictions, removals and inserts, in the same order."""

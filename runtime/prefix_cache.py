@@ -109,6 +109,12 @@ class PrefixIndex:
         self.reused_tokens += best_n
         return best, best_n
 
+    def shared(self, before: int, after: int) -> None:
+        """Count a lookup's reuse grown from `before` to `after` tokens by sharing a running
+        sequence's KV (Engine._share)."""
+        self.hits += before == 0
+        self.reused_tokens += after - before
+
     def add(self, tokens: list[int], protect: set[int] = frozenset()) -> tuple[int, list[int]]:
         """Record a new entry; return (its id or -1 when it cannot fit, entry ids to evict).
         Entries whose tokens are a prefix of the new one are now redundant and go first; then

@@ -106,6 +106,28 @@ def test_shared_system_prompt_and_an_interleaved_batch_equal_cold(cold, warm):
     assert [_result(h)[0] for h in (a, b, c)] == [ref_a, ref_b, ref_c]
 
 
+def test_requests_in_flight_share_a_system_prompt(demo_model_path, cold):
+    """A request arriving while another with the same system prompt still runs reuses that
+    sequence's KV (nothing of it is in the cache yet), with the cold engine's tokens."""
+    system = [9 + (i * 13) % 1700 for i in range(400)]
+    first, second = system + [801, 802], system + [901, 902, 903]
+    ref_first, _ = _run(cold, first, max_tokens=200)
+    ref_second, _ = _run(cold, second)
+    with running_engine(demo_model_path, prefix_cache_gb=0.5) as eng:
+        a = _submit(eng, first, max_tokens=200)
+        events = a.iter_sync(120)
+        head = next(events)  # its prompt is all in its KV now
+        assert isinstance(head, TokenEvent) and len(eng.index) == 0
+        got, fin = _run(eng, second)
+        assert not a.done  # still running while the second came and went
+        assert got == ref_second and fin.cached_tokens == len(system)
+        rest = [ev.token for ev in events if isinstance(ev, TokenEvent)]
+        assert [head.token] + rest == ref_first
+        # A third, once both left: the cache holds each whole conversation.
+        again, fin = _run(eng, second)
+        assert again == ref_second and fin.cached_tokens == len(second) - 1
+
+
 def test_eviction_under_a_tiny_budget_never_breaks_a_request(demo_model_path, cold):
     budget = 600 * 2048  # bytes: ~600 tokens of the tiny model's float32 KV (2048 B/token)
     with running_engine(demo_model_path, prefix_cache_gb=budget / 1e9) as eng:
