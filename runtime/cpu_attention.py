@@ -83,11 +83,13 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     Computed in float32 whatever the inputs' dtype (numpy has no bfloat16), returned in v's."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    rep = Hq // Hkv
-    # Views of mlx's buffers (the cache's keys are a strided slice of a longer buffer).
-    kn = np.asarray(k.astype(mx.float32))
-    vn = np.asarray(v.astype(mx.float32))
-    qn = np.asarray(q.astype(mx.float32)).reshape(B, Hkv, rep * L, D) * np.float32(scale)
+    rep, dtype = Hq // Hkv, v.dtype
+    # One evaluation for all three (each is a wait on mlx's stream), then views of mlx's buffers
+    # (the cache's keys are a strided slice of a longer buffer).
+    q, k, v = (x.astype(mx.float32) for x in (q, k, v))
+    mx.eval(q, k, v, *([mask] if isinstance(mask, mx.array) else []))
+    kn, vn = np.asarray(k), np.asarray(v)
+    qn = np.asarray(q).reshape(B, Hkv, rep * L, D) * np.float32(scale)
     # Grouped queries share their KV head: one (rep * L) x S score block per KV head.
     a = np.matmul(qn, kn.swapaxes(-1, -2)).reshape(B, Hkv, rep, L, S)
     low = np.finfo(np.float32).min  # as mlx masks: a row with nothing to attend averages all
@@ -116,4 +118,4 @@ def attention(q: mx.array, k: mx.array, v: mx.array, scale: float, mask=None) ->
     # Normalized after the product: D values per query to divide instead of S weights.
     out = np.matmul(a.reshape(B, Hkv, rep * L, S), vn).reshape(B, Hkv, rep, L, -1)
     out /= total
-    return mx.array(out.reshape(B, Hq, L, vn.shape[-1])).astype(v.dtype)
+    return mx.array(out.reshape(B, Hq, L, vn.shape[-1])).astype(dtype)

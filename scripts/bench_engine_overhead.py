@@ -42,12 +42,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     if a.blas == "openblas" and "libopenblas" not in os.environ.get("LD_PRELOAD", ""):
-        from launcher.blas import find_openblas
+        from launcher.blas import rank_env
 
-        lib = find_openblas()
-        if lib is None:
-            raise SystemExit("OpenBLAS not found (apt-get install libopenblas0-pthread), or use --blas bundled")
-        os.environ.update(LD_PRELOAD=lib, OPENBLAS_NUM_THREADS=str(os.cpu_count() or 1))
+        add, error = rank_env({**os.environ, "EXOLAUNCH_BLAS": "openblas"})  # what a rank gets
+        if error:
+            raise SystemExit(error)
+        os.environ.update(add)
         os.execv(sys.executable, [sys.executable, *sys.argv])  # the preload must be there at exec
 
     import mlx.core as mx
