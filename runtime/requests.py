@@ -170,6 +170,12 @@ class Engine(Protocol):
 
     def load(self) -> tuple[int, int]: ...  # (running sequences, requests waiting to be admitted)
 
+    def arriving(self) -> None:
+        """A request passed admission and is being prepared (parsed, tokenized): its submit()
+        follows soon, or never if it fails. A hint only: an idle engine may hold its first step
+        a moment for it, so requests sent together start together."""
+        ...
+
     def submit(self, req: GenerationRequest,
                loop: asyncio.AbstractEventLoop | None = None) -> RequestHandle:
         """Queue a request; raises PromptTooLong (it can never fit the context or the KV

@@ -49,6 +49,9 @@ class FakeEngine:
     def load(self):
         return 0, 0
 
+    def arriving(self):
+        pass
+
     def submit(self, req, loop=None):
         if self.failed:
             raise EngineFailed(self.failed)

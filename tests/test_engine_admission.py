@@ -126,3 +126,32 @@ def test_stop_scan_cost_does_not_grow_with_the_output():
         times.append(time.perf_counter() - t)
     early, late = sorted(times[200:400])[100], sorted(times[-200:])[100]  # medians
     assert late < early * 5 + 1e-4, (early, late)
+
+
+def test_requests_the_api_is_preparing_start_in_one_step(engine):
+    """Three requests the API admitted together (arriving()) but submitted 10 ms apart, to an
+    idle engine: one decision admits all three, so none waits for another's prefill."""
+    from runtime.engine import COALESCE_SECONDS
+
+    for _ in range(3):
+        engine.arriving()
+    handles = []
+    for i in range(3):
+        handles.append(engine.submit(_req(30 + i, 4)))
+        time.sleep(0.01)
+    for h in handles:
+        _finish(h)
+    admitted = [h.admitted_at for h in handles]
+    assert max(admitted) - min(admitted) < 0.005, admitted
+    # A lone request is not held; one announced but never submitted holds the next at most
+    # COALESCE_SECONDS.
+    t0 = time.monotonic()
+    alone = engine.submit(_req(8, 2))
+    _finish(alone)
+    assert alone.admitted_at - t0 < COALESCE_SECONDS / 2
+    engine.arriving()
+    t0 = time.monotonic()
+    late = engine.submit(_req(8, 2))
+    engine.arriving()  # a request that fails before its submit
+    _finish(late)
+    assert late.admitted_at - t0 < COALESCE_SECONDS + 0.02

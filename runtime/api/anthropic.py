@@ -510,7 +510,7 @@ async def messages(request: Request, body: MessagesRequest):
 
 @router.post(PREFIX + "/count_tokens")
 async def count_tokens(request: Request, body: CountTokensRequest):
-    serving, _ = Serving.admit(request, body.model)
+    serving, _ = Serving.admit(request, body.model, generating=False)
     prep = await serving.run_sync(prepare, serving, body, with_grammar=False)
     return {"input_tokens": len(prep.tokens)}
 

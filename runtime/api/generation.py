@@ -185,13 +185,20 @@ class Serving:
         return request.app.state.serving
 
     @staticmethod
-    def admit(request: Request, model: str | None) -> tuple["Serving", str]:
+    def admit(request: Request, model: str | None, generating: bool = True) -> tuple["Serving", str]:
         """The handle and the served model id, for a request the engine can take now: 404 for
-        another model, 503 while loading or once failed."""
+        another model, 503 while loading or once failed. `generating`: a submit follows."""
         serving = Serving.of(request)
         model_id = serving.resolve_model(model)
         serving.check_serving()
+        if generating:
+            serving.preparing()
         return serving, model_id
+
+    def preparing(self) -> None:
+        """A request that will generate is being prepared: an idle engine may hold its first
+        step a moment for it, so requests sent together prefill together (Engine.arriving)."""
+        self._engine.arriving()
 
     # --- model -------------------------------------------------------------------------------
     @property
