@@ -49,9 +49,9 @@ PREFILL_CHUNK_SECONDS = 1.0  # a prefill step's target length: how late a cancel
 MIN_PREFILL_CHUNK = 64  # smaller chunks cost more in per-step overhead than they save in latency
 LEASE_SECONDS = 0.02  # steps per decision while nothing changes: how late a new request may join
 MAX_LEASE = 16
-# An idle engine woken by a request holds its first step up to this long while the API is still
-# preparing requests that arrived with it (an agent's parallel calls: 8-18 ms apart here), so
-# they prefill as one batch instead of the later ones waiting for the first one's prefill.
+# With nothing running, rank 0 holds the first step up to this long while the API is still
+# preparing requests that arrived with the first (an agent's parallel calls: 8-18 ms apart here),
+# so they prefill as one batch instead of the later ones waiting for the first one's prefill.
 COALESCE_SECONDS = 0.03
 MIN_SHARE = 64  # tokens a running sequence must add over the prefix cache for a prompt to share its KV
 
