@@ -573,6 +573,24 @@ def test_unexpected_error_is_500_without_details():
         srv.stop()
 
 
+def test_ready_while_loading_is_503_logged_at_debug(caplog):
+    """The front door polls /ready while the ranks load: its 503 is an answer, not an error."""
+    import logging
+
+    caplog.set_level(logging.DEBUG, logger="exolaunch.api.access")
+    srv = start_server(FakeEngine(ready=False), "127.0.0.1", 0)
+    try:
+        with httpx.Client(base_url=srv.url, timeout=10) as h:
+            assert h.get("/ready").status_code == 503
+            assert h.get("/v1/nothing-here").status_code == 404
+    finally:
+        srv.stop()
+    lines = [r for r in caplog.records if r.name == "exolaunch.api.access"]
+    ready = next(r for r in lines if '"GET /ready"' in r.getMessage())
+    assert ready.levelno == logging.DEBUG
+    assert next(r for r in lines if "/v1/nothing-here" in r.getMessage()).levelno == logging.WARNING
+
+
 def test_any_seed_is_accepted(client):
     for seed in (-5, 2**62):
         r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=2,

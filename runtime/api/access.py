@@ -12,8 +12,8 @@ A line, on the logger `exolaunch.api.access`:
 
 prompt / completion are tokens, ttft is from the request's arrival to the first generated
 token, the last figure the whole request (a stream: until its last byte). Status 2xx/3xx lines
-are INFO (DEBUG for the probes: /health, /ready, /metrics, /exolaunch/stats), 4xx WARNING, 5xx
-ERROR, so `--log-level warning` keeps only failures and
+are INFO (DEBUG for the probes: /health, /ready, /metrics, /exolaunch/stats, and for /ready's
+503 while loading), 4xx WARNING, 5xx ERROR, so `--log-level warning` keeps only failures and
 `--disable-log-requests` (vLLM's name) mutes the successful ones. The reason of a 4xx/5xx is the
 message of the error body the client got (any dialect's shape); a stream that fails after its
 200 says `stream error: ...`; one whose client left before the end says `cancelled`.
@@ -177,9 +177,10 @@ class AccessLog:
             if rec.logged:
                 return
             rec.logged = True
-            level = logging.ERROR if rec.status >= 500 else logging.WARNING \
-                if rec.status >= 400 else logging.DEBUG if scope.get("path") in PROBES \
-                else logging.INFO
+            path = scope.get("path")
+            # /ready's 503 is its answer while the ranks load or warm up, not a failure
+            level = logging.DEBUG if path in PROBES and (rec.status < 400 or (path, rec.status) == ("/ready", 503)) \
+                else logging.ERROR if rec.status >= 500 else logging.WARNING if rec.status >= 400 else logging.INFO
             if log.isEnabledFor(level):
                 log.log(level, "%s", rec.line())
 
