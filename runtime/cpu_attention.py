@@ -1,21 +1,19 @@
-"""Attention for CPU ranks: the softmax in numpy, where mlx's CPU build is slowest.
+"""Attention for CPU ranks in numpy, where mlx's CPU build is slowest.
 
 mlx has no fused attention kernel on the CPU: `mx.fast.scaled_dot_product_attention` falls back
-to matmul, softmax, matmul, and the CPU `exp` behind that softmax is scalar. Measured here (2 x86
-cores, OpenBLAS): for a batch of 3 x 80 prompt tokens against 2,280 cached ones (8 heads of 32),
-QK^T and PV take 9 ms each and the softmax 97 ms; numpy's vectorized exp does the same softmax in
-~15 ms. A cached agent turn (a short new message over a long cached context) is almost all
-attention, so this is most of its time to first token.
+to matmul, softmax, matmul, and the CPU `exp` behind that softmax is scalar (~20 ns an element
+here). Measured on 2 x86 cores with OpenBLAS: for 3 x 80 prompt tokens against 2,280 cached ones
+(8 heads of 32) QK^T and PV take 9 ms each and the softmax 97 ms; the whole attention in numpy
+(vectorized exp, numpy's own OpenBLAS for the products) takes ~19 ms. A cached agent turn (a
+short new message over a long cached context) is almost all attention.
 
 Scoped to the engine's own loop thread (`engine_scope()`), not the process: mlx-lm code run
-elsewhere in the process (a test's reference generation) keeps mlx's numerics. Every attention
-call inside the scope takes this path (prefill and decode alike, any number of queries), so a
-token's logits do not depend on how its prompt was chunked, whether a prefix came from the cache
-or whether it was verified as a speculative draft. Off on a GPU (Metal's SDPA is one fused
-kernel), for attention sinks and anything else unusual (mlx's own path then), and with
-EXOLAUNCH_CPU_ATTENTION=0.
+elsewhere in the process (a test's reference generation) keeps mlx's numerics. Inside the scope,
+calls with at least MIN_SCORES scores take this path (prefill chunks, verified drafts, many
+streams over long contexts); the rest, attention sinks and anything unusual stay on mlx's. Off
+on a GPU (Metal's SDPA is one fused kernel) and with EXOLAUNCH_CPU_ATTENTION=0.
 
-The numpy step needs the scores evaluated, so the layer's graph is evaluated up to them: every
+The numpy step needs its inputs evaluated, so the layer's graph is evaluated up to them: every
 rank evaluates the same graph in the same order, so collectives stay matched.
 """
 
@@ -31,12 +29,11 @@ import numpy as np
 ENV_CPU_ATTENTION = "EXOLAUNCH_CPU_ATTENTION"
 _FLOATS = (mx.float32, mx.float16, mx.bfloat16)
 # Below this many scores mlx's own path is cheaper: the numpy step evaluates the graph up to the
-# layer (a sync, ~0.5 ms here), which a single-stream decode step over a short context does not
-# repay; a prefill chunk, a batch of drafts or many streams over long contexts do.
+# layer, a sync that also stops mlx overlapping graph building with compute (at 2^13 an 8-stream
+# decode step of the 100M model went from ~110 to 128-144 ms on one rank).
 MIN_SCORES = 1 << 17
 _scope = threading.local()
 _mlx_sdpa = mx.fast.scaled_dot_product_attention
-_installed = False
 
 
 def wanted() -> bool:
@@ -45,27 +42,20 @@ def wanted() -> bool:
 
 
 @contextmanager
-def engine_scope(on: bool = True):
+def engine_scope():
     """Attention calls made by this thread inside the block take the numpy path (if wanted)."""
-    if not on or not wanted():
+    if not wanted():
         yield
         return
-    _install()
+    # mlx-lm's models (and runtime/kv_quant.py) call mx.fast.scaled_dot_product_attention by
+    # attribute, so one wrapper there reaches every architecture; outside a scope it is mlx's.
+    mx.fast.scaled_dot_product_attention = _sdpa
     before = getattr(_scope, "on", False)
     _scope.on = True
     try:
         yield
     finally:
         _scope.on = before
-
-
-def _install() -> None:
-    # mlx-lm's models (and runtime/kv_quant.py) call mx.fast.scaled_dot_product_attention by
-    # attribute, so one wrapper there reaches every architecture; outside a scope it is mlx's.
-    global _installed
-    if not _installed:
-        mx.fast.scaled_dot_product_attention = _sdpa
-        _installed = True
 
 
 def _sdpa(q, k, v, *, scale, mask=None, sinks=None, **kw):

@@ -177,10 +177,11 @@ class AccessLog:
             if rec.logged:
                 return
             rec.logged = True
-            path = scope.get("path")
+            status, path = rec.status, scope.get("path")
             # /ready's 503 is its answer while the ranks load or warm up, not a failure
-            level = logging.DEBUG if path in PROBES and (rec.status < 400 or (path, rec.status) == ("/ready", 503)) \
-                else logging.ERROR if rec.status >= 500 else logging.WARNING if rec.status >= 400 else logging.INFO
+            polled = path in PROBES and (status < 400 or (path == "/ready" and status == 503))
+            level = (logging.DEBUG if polled else logging.ERROR if status >= 500
+                     else logging.WARNING if status >= 400 else logging.INFO)
             if log.isEnabledFor(level):
                 log.log(level, "%s", rec.line())
 

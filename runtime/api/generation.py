@@ -192,10 +192,10 @@ class Serving:
         model_id = serving.resolve_model(model)
         serving.check_serving()
         if generating:
-            serving.preparing()
+            serving.arriving()
         return serving, model_id
 
-    def preparing(self) -> None:
+    def arriving(self) -> None:
         """A request that will generate is being prepared: an idle engine may hold its first
         step a moment for it, so requests sent together prefill together (Engine.arriving)."""
         self._engine.arriving()

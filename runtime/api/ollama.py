@@ -476,7 +476,7 @@ async def chat(request: Request, body: ChatBody):
     if not body.messages:
         return _load_response(model, body, "message", {"role": "assistant", "content": ""})
     serving.check_serving()
-    serving.preparing()
+    serving.arriving()
     setup = _tool_setup(body)
     messages = _chat_messages(body)
     tok = serving.tokenizer
@@ -547,7 +547,7 @@ async def generate(request: Request, body: GenerateBody):
     if not body.prompt and not body.context:
         return _load_response(model, body, "response", "")
     serving.check_serving()
-    serving.preparing()
+    serving.arriving()
     grammar = await serving.run_sync(_grammar, serving.tokenizer, body.format, toolkit.ToolSetup())
     tokens = await serving.run_sync(_generate_tokens, serving, body)
     params = _params(request, serving, body, len(tokens), grammar)

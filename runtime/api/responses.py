@@ -449,7 +449,7 @@ async def create_response(request: Request, body: ResponsesRequest):
     items = _conversation(store, body)
     body = body.model_copy(update={"input": items})
     serving.check_serving()
-    serving.preparing()
+    serving.arriving()
 
     setup = tool_setup(body)
     fmt, fmt_grammar = text_format(body)
