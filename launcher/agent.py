@@ -36,6 +36,7 @@ import tempfile
 import time
 
 from launcher.blas import rank_env as rank_blas_env
+from launcher.oversubscription import rank_env as oversubscribed_env
 from launcher.rankapi import PHASE_PREFIX
 from runtime.contract import ENV_CONTROL_FD
 
@@ -150,6 +151,7 @@ class Agent:
         if blas_error:
             return self._failed_to_start(blas_error, 1)
         env.update(blas_env)
+        env.update(oversubscribed_env(env))
         ctl_r, ctl_w = os.pipe()
         env[ENV_CONTROL_FD] = str(ctl_w)
         argv = list(spec["argv"])

@@ -34,6 +34,11 @@ def finish(group: mx.distributed.Group, code: int = 0) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     if group.size() > 1:
+        # work still queued on another stream (mlx-lm's generation stream) would run its
+        # collectives against this one's on some ranks: MPI_ERR_TRUNCATE under mpi
+        generate = sys.modules.get("mlx_lm.generate")
+        for stream in (getattr(generate, "generation_stream", None), None):
+            mx.synchronize(stream)
         try:
             mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))
         except RuntimeError:
