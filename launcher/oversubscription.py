@@ -5,7 +5,7 @@ for its peers holds a core the rank it waits for needs: measured here, 3 ranks o
 spent 4.0 s of CPU each in a 4 s wait, and a 3-rank greedy run took 28 s instead of 13 s.
 OpenMPI yields the core while it polls when it knows it is oversubscribed; exolaunch's
 hostfile gives it one slot per rank, so the agent, which knows its host's cores, tells it.
-mlx's ring backend polls too and has no such switch (README: ranks and cores).
+mlx's ring backend polls too and has no such switch (README, Backends: ranks and cores).
 """
 
 from __future__ import annotations
