@@ -10,7 +10,10 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import List, Optional
 
@@ -19,7 +22,7 @@ import typer
 from launcher import ssh
 from launcher.backends import first_slots
 from launcher.cli_common import BLAS_OPTION, Globals, app, check_blas, check_host_key_check, collect_env, load_cluster
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, LaunchError
 from runtime import contract
 
 
@@ -335,7 +338,10 @@ def run_(
             print("exolaunch: refusing to start: fix the problems above (or --skip-doctor).", file=sys.stderr)
             return EXIT_REFUSED
         timeline.mark("preflight")
-    door.start()
+    # The door's server comes up while the ranks start (its imports cost the launch ~0.2 s);
+    # its socket is bound, so a client meanwhile waits in the backlog instead of being refused.
+    door.start(wait=False)
+    threading.Thread(target=_door_or_stop, args=(door,), daemon=True, name="exolaunch-door-start").start()
     try:
         return _serve_restarting(
             state, restart, rank_spec, None if skip_doctor else check, sopts, tag_output=tag_output,
@@ -348,6 +354,15 @@ def run_(
     finally:
         state.set("stopping", "exolaunch is stopping")
         door.stop()
+
+
+def _door_or_stop(door) -> None:
+    """A front door that never came up ends the run (torn down as if interrupted) with its reason."""
+    try:
+        door.wait_started()
+    except LaunchError as e:
+        print(f"exolaunch: {e}", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _public_url(host: str, port: int) -> str:

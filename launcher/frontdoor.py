@@ -194,28 +194,57 @@ class FrontDoor:
         self._thread: threading.Thread | None = None
         self._server = None
         self._error: BaseException | None = None
+        self._stopping = False
         self._cluster = None  # launcher.upstream.Pool, made on the proxy's loop
         self._upstream = None
 
     # -- lifecycle ---------------------------------------------------------------------------
     def bind(self) -> None:
         if self._sock is None:
-            from runtime.api.server import _bind
+            from runtime.api.listen import listen
 
             try:
-                self._sock = _bind(self.host, self.port)
+                self._sock = listen(self.host, self.port)
             except OSError as e:
                 raise LaunchError(f"the front door cannot listen on {self.host}:{self.port}: {e}. "
                                   "Fix: pass another --port, or stop what holds it.", status=5) from e
             self.port = self._sock.getsockname()[1]
 
-    def start(self, timeout: float = 30.0) -> "FrontDoor":
+    def start(self, timeout: float = 30.0, *, wait: bool = True) -> "FrontDoor":
+        """Serve from a daemon thread. wait=False returns at once (`run` starts the ranks
+        meanwhile: uvicorn's and the dialects' imports take ~0.2 s, and the bound socket
+        queues connections until then); wait_started() then says whether it came up."""
+        self.bind()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="exolaunch-frontdoor", daemon=True)
+        self._thread.start()
+        if wait:
+            self.wait_started(timeout)
+        return self
+
+    def wait_started(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._server is None or not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise LaunchError(f"the front door did not start on {self.host}:{self.port}: {self._error!r}")
+            self._thread.join(0.02)
+
+    def _run(self) -> None:
+        try:
+            server = self._make_server()
+            self._server = server
+            if not self._stopping:  # stop() before the imports ended: never serve
+                asyncio.run(self._serve())
+        except BaseException as e:
+            self._error = e
+            log.exception("front door stopped with an error")
+
+    def _make_server(self):
         import uvicorn
 
         # The dialects' error shapes register themselves when their modules load.
         from runtime.api import anthropic, ollama  # noqa: F401
 
-        self.bind()
         app = self._app
         if self.api_key:
             from runtime.api.auth import APIKeyMiddleware
@@ -227,23 +256,7 @@ class FrontDoor:
         config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None,
                                 lifespan="off", ws="none", timeout_keep_alive=30,
                                 interface="asgi3", proxy_headers=False)
-        self._server = uvicorn.Server(config)
-
-        def target() -> None:
-            try:
-                asyncio.run(self._serve())
-            except BaseException as e:
-                self._error = e
-                log.exception("front door stopped with an error")
-
-        self._thread = threading.Thread(target=target, name="exolaunch-frontdoor", daemon=True)
-        self._thread.start()
-        deadline = time.monotonic() + timeout
-        while not self._server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise LaunchError(f"the front door did not start on {self.host}:{self.port}: {self._error!r}")
-            self._thread.join(0.02)
-        return self
+        return uvicorn.Server(config)
 
     async def _serve(self) -> None:
         import httpx
@@ -261,6 +274,7 @@ class FrontDoor:
             await self._upstream.aclose()
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

@@ -180,3 +180,29 @@ def test_metrics_carry_rank0_series_and_the_doors_restarts_across_a_restart(read
     assert down["exolaunch:restarts_total"] == 3 and down["exolaunch:cluster_ready"] == 0
     assert "exolaunch:num_requests_running" not in down
     ready.state.restarts = 0
+
+
+def test_a_door_stopped_while_it_starts_never_serves():
+    # run starts the door without waiting (its imports overlap the ranks' start); a run that
+    # ends at once must still leave nothing listening and no server thread behind
+    d = FrontDoor(ClusterState(model="m", url="", max_restarts=0), "127.0.0.1", 0)
+    d.start(wait=False)
+    port = d.port
+    d.stop()
+    assert d._thread is not None and not d._thread.is_alive()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_binding_the_public_port_does_not_import_the_api_server():
+    # the front door binds before the preflight and the ranks; FastAPI's import (~0.8 s) was
+    # on that path when the socket helper lived in runtime.api.server
+    import subprocess
+    import sys
+
+    code = ("import sys; from launcher.frontdoor import ClusterState, FrontDoor; "
+            "FrontDoor(ClusterState(model='m', url='', max_restarts=0), '127.0.0.1', 0).bind(); "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'runtime.api.server') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

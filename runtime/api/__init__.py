@@ -44,7 +44,16 @@ Decisions where the OpenAI spec is silent or this server differs:
 - A client that disconnects (streaming or not) cancels its engine requests.
 """
 
-from .app import create_app
-from .server import DEFAULT_HOST, DEFAULT_PORT, APIServer, start_server
+import importlib
 
-__all__ = ["create_app", "start_server", "APIServer", "DEFAULT_HOST", "DEFAULT_PORT"]
+# Loaded on first use (PEP 562): the launcher imports runtime.api.listen and the dialects'
+# error shapes, and FastAPI's import (~0.8 s) is not on its way to starting the ranks.
+_LAZY = {"create_app": ".app", "start_server": ".server", "APIServer": ".server",
+         "DEFAULT_HOST": ".server", "DEFAULT_PORT": ".server"}
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

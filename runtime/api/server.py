@@ -26,32 +26,12 @@ from ..requests import Engine
 from .access import AccessLog
 from .app import create_app
 from .limits import DEFAULT_MAX_BODY_MB
+from .listen import listen
 
 log = logging.getLogger("exolaunch.api")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 52415  # exo's
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    err: OSError | None = None
-    for family, socktype, proto, _, addr in infos:
-        sock = socket.socket(family, socktype, proto)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(addr)
-            sock.listen(2048)
-            sock.setblocking(False)
-            sock.set_inheritable(True)
-            return sock
-        except OSError as e:
-            sock.close()
-            err = e
-    raise OSError(f"cannot listen on {host}:{port}: {err}") from err
 
 
 class APIServer:
@@ -98,7 +78,7 @@ class APIServer:
     # --- running -----------------------------------------------------------------------------
     def bind(self) -> None:
         if self._sock is None:
-            self._sock = _bind(self.host, self.port)
+            self._sock = listen(self.host, self.port)
             self.port = self._sock.getsockname()[1]
 
     async def serve_async(self) -> None:
