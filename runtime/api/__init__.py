@@ -25,6 +25,7 @@
     auth.py         bearer / x-api-key check (everything but /health)
     errors.py       APIError and the handlers (OpenAI error objects; per-prefix formats)
     server.py       uvicorn in a background thread: start_server()
+    listen.py       the listening socket (the launcher's front door binds it too)
 
 Decisions where the OpenAI spec is silent or this server differs:
 - Readiness is GET/HEAD /ready (not /v1/ready); it needs the API key like every route but
