@@ -171,6 +171,9 @@ def run_(
     speculative: Optional[str] = typer.Option(
         None, "--speculative", help="Speculative decoding: ngram (prompt lookup: drafts from the request's own "
                                     "text, verified by every rank in one forward; greedy output unchanged)."),
+    draft: Optional[str] = typer.Option(
+        None, "--draft", metavar="MODEL", help="Speculative decoding with a draft model of the same tokenizer "
+                                               "(rank 0 runs it whole; every rank verifies its tokens in one forward)."),
     num_speculative_tokens: int = typer.Option(5, "--num-speculative-tokens", help="Draft tokens per step."),
     ngram_prompt_lookup_max: int = typer.Option(4, "--ngram-prompt-lookup-max", help="Longest n-gram looked up."),
     ngram_prompt_lookup_min: int = typer.Option(1, "--ngram-prompt-lookup-min", help="Shortest n-gram looked up."),
@@ -217,7 +220,15 @@ def run_(
     if kv_group_size not in (32, 64, 128):
         raise ConfigError(f"--kv-group-size {kv_group_size}: expected 32, 64 or 128.")
     if speculative not in (None, "ngram"):
-        raise ConfigError(f"--speculative {speculative!r}: expected ngram (draft models are not supported yet).")
+        raise ConfigError(f"--speculative {speculative!r}: expected ngram (for a draft model: --draft MODEL).")
+    if speculative and draft:
+        raise ConfigError(f"--speculative {speculative} and --draft {draft}: choose one source of drafts.")
+    if draft is not None:
+        from runtime.contract import classify_model
+
+        if classify_model(draft) is None:
+            raise ConfigError(f"--draft {draft!r}: no such directory, demo model, .gguf file, packaged model "
+                              "or Hugging Face repo id (owner/name).")
     if not (1 <= num_speculative_tokens <= 64 and 1 <= ngram_prompt_lookup_min <= ngram_prompt_lookup_max <= 64):
         raise ConfigError(f"--num-speculative-tokens {num_speculative_tokens}, --ngram-prompt-lookup-min "
                           f"{ngram_prompt_lookup_min}, --ngram-prompt-lookup-max {ngram_prompt_lookup_max}: expected "
@@ -294,6 +305,8 @@ def run_(
             command += ["--speculative", speculative, "--num-speculative-tokens", str(num_speculative_tokens),
                         "--ngram-prompt-lookup-max", str(ngram_prompt_lookup_max),
                         "--ngram-prompt-lookup-min", str(ngram_prompt_lookup_min)]
+        if draft:
+            command += ["--draft", draft, "--num-speculative-tokens", str(num_speculative_tokens)]
         if mlen:
             command += ["--max-model-len", str(mlen)]
         if mtt:

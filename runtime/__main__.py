@@ -66,12 +66,14 @@ def parse(argv):
                    help="values per quantization group of the KV cache (with --kv-bits)")
     s.add_argument("--speculative", default=None, choices=("ngram",),
                    help="speculative decoding: n-gram prompt lookup drafts, verified in one forward")
+    s.add_argument("--draft", default=None, metavar="MODEL",
+                   help="speculative decoding with a draft model's greedy tokens (rank 0 runs it whole)")
     s.add_argument("--num-speculative-tokens", type=int, default=5)
     s.add_argument("--ngram-prompt-lookup-max", type=int, default=4)
     s.add_argument("--ngram-prompt-lookup-min", type=int, default=1)
     b = sub.add_parser("bench", parents=[], help="drive the engine in-process from rank 0 (no HTTP)")
     for a in ("--model", "--sharding", "--prefill-step", "--max-num-seqs", "--max-queue", "--max-model-len",
-              "--max-total-tokens", "--prefix-cache-gb", "--kv-bits", "--kv-group-size", "--speculative",
+              "--max-total-tokens", "--prefix-cache-gb", "--kv-bits", "--kv-group-size", "--speculative", "--draft",
               "--num-speculative-tokens", "--ngram-prompt-lookup-max", "--ngram-prompt-lookup-min"):
         b._add_action(next(x for x in s._actions if a in x.option_strings))
     b.add_argument("--prompt-tokens", type=int, default=32)
@@ -79,6 +81,24 @@ def parse(argv):
     b.add_argument("--streams", type=int, default=1)
     b.add_argument("--repeats", type=int, default=3)
     return ap.parse_args(argv)
+
+
+def load_draft(name: str, group, tokenizer, config: dict):
+    """--draft: the draft model, whole, on rank 0 (runtime/draft.py); the other ranks only join
+    its collective. Its tokenizer must be the served model's: token ids are what it proposes."""
+    from runtime.contract import ModelError, resolve_model
+    from runtime.draft import DraftModel
+
+    model = None
+    if group.rank() == 0:
+        from mlx_lm.utils import load as mlx_lm_load
+
+        path, _ = resolve_model(name)
+        model, draft_tokenizer = mlx_lm_load(str(path))
+        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"--draft {name}: its tokenizer differs from the served model's, so its token "
+                             "ids mean other text. Fix: a draft model of the same family (same tokenizer).")
+    return DraftModel(model, group, vocab_size=config.get("vocab_size"))
 
 
 def serve(args) -> int:
@@ -124,13 +144,14 @@ def serve(args) -> int:
             phase("warm")
     ctx = args.max_model_len or context_length(config)
     speculator = None
-    if args.speculative == "ngram":
+    if args.speculative == "ngram" or args.draft:
         from runtime.speculative import Speculator
 
         try:
+            draft = load_draft(args.draft, group, tokenizer, config) if args.draft else None
             speculator = Speculator(args.num_speculative_tokens, args.ngram_prompt_lookup_max,
-                                    args.ngram_prompt_lookup_min)
-        except ValueError as e:
+                                    args.ngram_prompt_lookup_min, draft=draft)
+        except (ValueError, ModelError) as e:
             print(f"error: {e}", file=sys.stderr, flush=True)
             return 2
     engine_kw = dict(model_id=model_id, model_path=path, group=group, context_length=ctx,

@@ -1,4 +1,4 @@
-"""N-gram (prompt lookup) speculative decoding, identical on every tensor-parallel rank.
+"""N-gram (prompt lookup) or draft-model speculative decoding, identical on every tensor-parallel rank.
 
 `Speculator.next(gen)` stands in for mlx-lm's `BatchGenerator.next()`. When a single sequence is
 decoding (no prompt being processed or waiting, no logits processors) it drafts up to
@@ -8,7 +8,10 @@ most recent earlier occurrence. One forward of [pending token] + drafts through 
 cache verifies them all; the rejected positions are trimmed from the cache. Otherwise it is
 `gen.next()` unchanged.
 
-No message is needed between ranks: every rank holds the same tokens, so it drafts the same
+With `--draft MODEL` the drafts are a small model's (runtime/draft.py: rank 0 runs it and shares
+them in one collective); the rest of this module is the same for both.
+
+For n-gram drafts no message is needed between ranks: every rank holds the same tokens, so it drafts the same
 tokens, runs the same [1, 1 + k] forward (the same collectives) and samples the same rows with the
 sequence's own keyed sampler. Every choice here depends only on tokens (never on timing), which
 is what keeps the ranks in lock-step.
@@ -106,11 +109,12 @@ class Speculator:
     Metrics follow vLLM's spec_decode names: num_drafts, num_draft_tokens, num_accepted_tokens.
     """
 
-    def __init__(self, num_tokens: int = 5, lookup_max: int = 4, lookup_min: int = 1):
+    def __init__(self, num_tokens: int = 5, lookup_max: int = 4, lookup_min: int = 1, draft=None):
         if num_tokens < 1 or lookup_min < 1 or lookup_max < lookup_min:
             raise ValueError(f"speculative: need num_tokens >= 1 and 1 <= lookup_min <= lookup_max, got "
                              f"num_tokens={num_tokens}, lookup_min={lookup_min}, lookup_max={lookup_max}")
         self.num_tokens, self.lookup_max, self.lookup_min = num_tokens, lookup_max, lookup_min
+        self.draft = draft  # runtime/draft.DraftModel (--draft), or None: n-gram lookup
         self.num_drafts = self.num_draft_tokens = self.num_accepted_tokens = 0
         self._seqs: dict[int, _Seq] = {}  # forgotten on every rank as its sequence leaves
 
@@ -160,7 +164,9 @@ class Speculator:
         budget = b.max_tokens[0] - b._num_tokens[0] - 1  # tokens allowed after `first`
         if budget <= 0 or copy.copy(b._matchers[0]).advance(first):
             return None  # `first` ends the sequence: nothing to verify
-        draft = lookup(b.tokens[0] + [first], min(seq.width, budget), self.lookup_max, self.lookup_min)
+        context, width = b.tokens[0] + [first], min(seq.width, budget)
+        draft = self.draft.propose(context, width) if self.draft is not None else \
+            lookup(context, width, self.lookup_max, self.lookup_min)
         if not draft:
             return None
         k = len(draft)

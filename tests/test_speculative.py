@@ -229,6 +229,57 @@ def test_sampling_is_reproducible_with_a_seed(model):
     assert [r[0] for r in runs[0].values()] == [r[0] for r in runs[1].values()]
 
 
+# -- a draft model (--draft, runtime/draft.py) -----------------------------------------------------
+@pytest.fixture(scope="module")
+def other_model(tmp_path_factory):
+    """A random model of another architecture with demo-llama's tokenizer: a draft that mostly misses."""
+    import mlx_lm
+
+    from runtime.demo_models import ensure
+
+    return mlx_lm.load(str(ensure("demo-qwen3", cache_dir=tmp_path_factory.mktemp("draft"), size="tiny")))[0]
+
+
+def test_the_served_model_as_its_own_draft_is_accepted_and_identical(model):
+    from runtime.draft import DraftModel
+
+    ref, _ = decode(model, [PLAIN])
+    spec = Speculator(draft=DraftModel(model, vocab_size=2048))
+    got, _ = decode(model, [PLAIN], spec)
+    _same(got, ref)
+    # its greedy tokens are the served model's: all accepted but for float ties between a
+    # [1, 1 + k] forward and one token at a time
+    assert spec.num_draft_tokens >= MAX_TOKENS // 2
+    assert spec.num_accepted_tokens >= 0.9 * spec.num_draft_tokens
+
+
+def test_another_draft_model_keeps_greedy_output_across_sequences(model, other_model):
+    from runtime.draft import DraftModel
+
+    ref, _ = decode(model, [LOOP])
+    ref2, _ = decode(model, [PLAIN])
+    draft = DraftModel(other_model, vocab_size=2048)
+    spec = Speculator(draft=draft)
+    got, _ = decode(model, [LOOP], spec)
+    _same(got, ref)
+    assert spec.num_drafts >= 1
+    # the draft's cache held LOOP's tokens: a second sequence trims it back to their common prefix
+    got2, _ = decode(model, [PLAIN], spec)
+    _same(got2, ref2)
+    assert draft.tokens[:len(PLAIN)] == PLAIN
+
+
+def test_a_draft_token_beyond_the_served_vocabulary_ends_the_draft(model):
+    from runtime.draft import DraftModel
+
+    draft = DraftModel(model, vocab_size=2048)
+    full = draft.propose(LOOP, 4)
+    assert len(full) == 4 and all(0 <= t < 2048 for t in full)
+    # a served vocabulary that ends at the highest drafted token: the draft stops before it
+    draft.vocab_size = max(full)
+    assert draft.propose(LOOP, 4) == full[:full.index(max(full))]
+
+
 # -- two ranks: tensor parallel under exolaunch exec ----------------------------------------------
 def rank_main(model_dir: str) -> None:
     from runtime.engine import make_sampler

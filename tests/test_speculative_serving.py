@@ -43,3 +43,27 @@ def test_speculative_two_ranks_same_tokens_and_reported(model_cache):
     assert counters["exolaunch:spec_decode_num_draft_tokens_total"] == (
         details.accepted_prediction_tokens + details.rejected_prediction_tokens)
     assert counters["exolaunch:spec_decode_num_drafts_total"] >= 1
+
+
+def test_draft_model_two_ranks_same_tokens_and_reported(model_cache):
+    # the served model as its own draft: rank 0 drafts, both ranks verify; greedy tokens are the
+    # plain cluster's (its reference is recomputed: this test must stand alone)
+    with ServingCluster(MODEL, cache=model_cache) as plain:
+        reference, _ = greedy(plain.base_url)
+        plain.stop()
+    with ServingCluster(MODEL, "--draft", MODEL, cache=model_cache) as spec:
+        got, usage = greedy(spec.base_url)
+        spec.stop()
+    assert got == reference
+    details = usage.completion_tokens_details
+    assert details.accepted_prediction_tokens >= 0.9 * (details.accepted_prediction_tokens
+                                                        + details.rejected_prediction_tokens) > 0
+
+
+def test_draft_and_ngram_together_is_one_line_and_exit_2():
+    from tests.launch_helpers import run
+
+    r = run("run", MODEL, "--speculative", "ngram", "--draft", MODEL)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"exolaunch: error: --speculative ngram and --draft {MODEL}: choose one source of drafts."]
