@@ -258,7 +258,7 @@ def run_(
 
     kv_share = kv_scale(kv_bits, kv_group_size)  # the plan's KV memory with --kv-bits
     plan = _plan_or_none(model, hostfile, topology, backend=backend, sharding=sharding, np=np,
-                         context=max_model_len, kv_share=kv_share)
+                         context=max_model_len, kv_share=kv_share, draft=draft)
     from launcher.timeline import Timeline
 
     timeline = Timeline()  # the line run prints once it serves (launcher/timeline.py)
@@ -363,7 +363,7 @@ def run_(
             fresh_ports=data_port_auto, api_key=api_key, timeline=timeline,
             replan=lambda hf, np_: _plan_or_none(model, hf, topology, backend=asked_backend,
                                                  sharding=asked_sharding, np=np_, context=max_model_len, quiet=True,
-                                                 kv_share=kv_share))
+                                                 kv_share=kv_share, draft=draft))
     finally:
         state.set("stopping", "exolaunch is stopping")
         door.stop()

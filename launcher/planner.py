@@ -377,7 +377,8 @@ def _head_split(card: ModelCard, t: int) -> bool:
 
 
 def _memory(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[str, HostInfo],
-            context: int, batch: int, kv_share: float = 1.0) -> None:
+            context: int, batch: int, kv_share: float = 1.0, rank0_gb: float = 0.0) -> None:
+    """Each rank's need; rank0_gb more on rank 0 (a --draft model it holds whole)."""
     t = layout.tensor_size
     rep = min(card.embed_bytes + card.head_bytes / (t if _head_split(card, t) else 1), card.disk_bytes)
     kv_tok = card.kv_bytes_per_token(t if not _tp_problem(card, t) else 1, context) * kv_share
@@ -387,6 +388,7 @@ def _memory(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[str,
     for s, (stage, n_layers) in enumerate(zip(layout.stages, layout.split)):
         for k, r in enumerate(stage):
             w = rep + card.layer_bytes * n_layers * (split.share(k) if split else 1 / t)
+            w += rank0_gb * GB if ranks[r].rank == 0 else 0.0
             kv = kv_tok * context * batch * n_layers / card.layers
             head = HEADROOM_FIXED_GB + HEADROOM_FRACTION * w / GB
             if layout.sharding == "tensor":
@@ -475,9 +477,11 @@ def _estimate(card: ModelCard, layout: Layout, ranks: list[Rank], infos: dict[st
 def plan_for(model: str | ModelCard, hostfile: Hostfile, topology: Topology | None = None, *,
              context: int | None = None, batch: int = 1, backend: str | None = None,
              sharding: str | None = None, np: int | None = None, reserve_gb: float | None = None,
-             bandwidth: dict[str, float] | None = None, est_context: int = 1024, kv_share: float = 1.0) -> Plan:
+             bandwidth: dict[str, float] | None = None, est_context: int = 1024, kv_share: float = 1.0,
+             draft: str | None = None) -> Plan:
     """Plan serving `model` on every rank of `hostfile` (or its first `np`). kv_share: KV bytes
-    per token as a share of float16's (kv_scale(--kv-bits, --kv-group-size))."""
+    per token as a share of float16's (kv_scale(--kv-bits, --kv-group-size)). draft: --draft's
+    model, which rank 0 holds whole, with one sequence's KV."""
     card = resolve_card(model)
     if sharding not in (None, "tensor", "pipeline", "hybrid"):
         raise ConfigError(f"--sharding {sharding!r}: expected tensor, pipeline or hybrid.")
@@ -493,6 +497,13 @@ def plan_for(model: str | ModelCard, hostfile: Hostfile, topology: Topology | No
     if context < 1:
         raise ConfigError(f"--context {context}: expected at least 1 token.")
     world = len(ranks)
+    draft_warning, rank0_gb = None, 0.0
+    if draft:
+        try:
+            d = resolve_card(draft)
+            rank0_gb = (d.disk_bytes + d.kv_bytes_per_token(1, context) * context) / GB
+        except ConfigError as e:
+            draft_warning = f"--draft {draft}: its size is unknown ({e}); rank 0's memory leaves it out."
     infos = {h.name: host_info(h, reserve_gb=reserve_gb, bandwidth=bandwidth) for h in hostfile.hosts}
     links = Links(hostfile, topology)
     chosen_backend, backend_reason = choose_backend(hostfile, topology, backend)
@@ -544,7 +555,7 @@ def plan_for(model: str | ModelCard, hostfile: Hostfile, topology: Topology | No
         if c.sharding == "hybrid" and not SPLIT_SUPPORT.get(chosen_backend, False):
             c.problems.append(f"{chosen_backend} does not support split (mx.distributed Group.split), "
                               "which tensor-within-island groups need; --backend mpi does")
-        _memory(card, c, ranks, infos, context, batch, kv_share)
+        _memory(card, c, ranks, infos, context, batch, kv_share, rank0_gb)
         _estimate(card, c, ranks, infos, links, chosen_backend, batch, min(est_context, context), kv_share)
 
     by = {c.name: c for c in candidates}
@@ -627,6 +638,8 @@ def plan_for(model: str | ModelCard, hostfile: Hostfile, topology: Topology | No
         reasons.append("does not fit: " + ", ".join(dict.fromkeys(short)) +
                        ". Fix: more hosts, a smaller quantization, a shorter --context, or raise the GPU wired "
                        "limit (`sudo sysctl iogpu.wired_limit_mb=N`, then --reserve-gb)")
+    if draft_warning:
+        warnings.append(draft_warning)
     if links.assumed:
         warnings.append("no link described between " + ", ".join(sorted("-".join(sorted(p)) for p in links.assumed))
                         + ": assumed 10 GbE. Fix: pass --topology.")

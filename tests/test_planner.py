@@ -331,3 +331,19 @@ def test_cli_run_with_more_ranks_than_layers_is_refused_not_a_bug():
 def test_cli_plan_unknown_model_is_a_config_error():
     p = _cli("plan", "no-such-model")
     assert p.returncode == 2 and "no such catalogue name" in p.stderr
+
+
+def test_a_draft_model_is_counted_on_rank_0_only():
+    # --draft: rank 0 holds the draft whole (runtime/draft.py), the other ranks nothing of it
+    from launcher.catalogue import GB, resolve_card
+
+    base = plan_for("kimi-k2", *tb5())
+    with_draft = plan_for("kimi-k2", *tb5(), draft="llama-3.1-8b")
+    d = resolve_card("llama-3.1-8b")
+    extra = (d.disk_bytes + d.kv_bytes_per_token(1, base.context) * base.context) / GB
+    before = {p.rank: p.weights_gb for p in base.layout.ranks}
+    after = {p.rank: p.weights_gb for p in with_draft.layout.ranks}
+    assert after[0] == pytest.approx(before[0] + extra)
+    assert all(after[r] == before[r] for r in before if r != 0)
+    unknown = plan_for("kimi-k2", *tb5(), draft="nobody/not-cached-anywhere")
+    assert any("--draft nobody/not-cached-anywhere" in w for w in unknown.warnings)
