@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -299,6 +301,11 @@ def choose_backend(hostfile: Hostfile, topology: Topology | None, requested: str
         return hostfile.backend, f"set in {hostfile.label}"
     hosts = hostfile.hosts
     if len(hosts) == 1:
+        h, cores = hosts[0], os.cpu_count() if hosts[0].is_local else None
+        if cores and h.slots > cores and shutil.which("mpirun"):
+            # both backends' collectives poll while they wait; only OpenMPI can be told to yield
+            # (launcher/oversubscription.py): 3 ranks on 2 cores ran 13 s on mpi, 50 s on ring
+            return "mpi", f"{h.slots} ranks on {cores} cores: mpi's waiting ranks yield their core, ring's poll"
         return "ring", "one host: ranks talk over loopback"
     try:
         check_backend(hostfile, "jaccl", topology)

@@ -347,3 +347,15 @@ def test_a_draft_model_is_counted_on_rank_0_only():
     assert all(after[r] == before[r] for r in before if r != 0)
     unknown = plan_for("kimi-k2", *tb5(), draft="nobody/not-cached-anywhere")
     assert any("--draft nobody/not-cached-anywhere" in w for w in unknown.warnings)
+
+
+def test_more_ranks_than_cores_on_this_machine_choose_mpi():
+    # both backends poll while a collective waits; OpenMPI's ranks can be told to yield
+    # (launcher/oversubscription.py), ring's cannot
+    import shutil
+
+    cores = os.cpu_count() or 1
+    assert plan_for("demo-llama:tiny", builtin_local(cores), None).backend == "ring"
+    over = plan_for("demo-llama:tiny", builtin_local(cores + 1), None)
+    assert over.backend == ("mpi" if shutil.which("mpirun") else "ring")
+    assert plan_for("demo-llama:tiny", builtin_local(cores + 1), None, backend="ring").backend == "ring"
