@@ -22,6 +22,17 @@ def init_group() -> mx.distributed.Group:
     return group
 
 
+def drain() -> None:
+    """Wait for the work queued on mlx-lm's generation stream and the default stream.
+
+    Before a collective on another stream than the last work's: mlx-lm's generate_step leaves a
+    forward queued past its last token, and its collectives would meet the new one in a
+    different order on different ranks (MPI_ERR_TRUNCATE, or a hang with every rank polling)."""
+    generate = sys.modules.get("mlx_lm.generate")
+    for stream in (getattr(generate, "generation_stream", None), None):
+        mx.synchronize(stream)
+
+
 def finish(group: mx.distributed.Group, code: int = 0) -> NoReturn:
     """End a rank program without failing a peer's last collective.
 
@@ -34,11 +45,7 @@ def finish(group: mx.distributed.Group, code: int = 0) -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     if group.size() > 1:
-        # work still queued on another stream (mlx-lm's generation stream) would run its
-        # collectives against this one's on some ranks: MPI_ERR_TRUNCATE under mpi
-        generate = sys.modules.get("mlx_lm.generate")
-        for stream in (getattr(generate, "generation_stream", None), None):
-            mx.synchronize(stream)
+        drain()
         try:
             mx.eval(mx.distributed.all_sum(mx.array([1.0]), group=group))
         except RuntimeError:

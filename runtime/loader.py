@@ -28,6 +28,7 @@ def load(path: Path, group: mx.distributed.Group, sharding: str, model_id: str):
     """(model, tokenizer, config) for this rank."""
     from mlx_lm.utils import _get_classes, load as mlx_load, sharded_load
 
+    from runtime.group import drain
     from runtime.sharding import shard_model
 
     config = read_config(path)
@@ -36,6 +37,7 @@ def load(path: Path, group: mx.distributed.Group, sharding: str, model_id: str):
     if world == 1:
         model, tokenizer = mlx_load(str(path))
         return model, tokenizer, config
+    drain()  # the loads below run collectives: nothing of an earlier model may still be queued
     try:
         if sharding == "tensor":
             route, why = split.route(str(config.get("model_type")), hasattr(_get_classes(config)[0], "shard"))
