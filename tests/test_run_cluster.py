@@ -47,9 +47,9 @@ def test_sharded_greedy_equals_one_rank(ssh_cluster, tmp_path, model_cache, name
     for sharding, slots in layouts:
         hf = yaml_hostfile(tmp_path / f"{sharding}-{len(slots)}.yaml", ssh_cluster, slots)
         # 4 ranks on this machine's 2 cores: ring's collectives spin while they wait (42 s for
-        # kimi's); mpi told to yield (its agents see 2 ranks per "host" and cannot know the hosts
-        # share 2 cores) takes 12 s
-        oversubscribed = ["--backend", "mpi", "-x", "OMPI_MCA_mpi_yield_when_idle=1"] if sum(slots.values()) > 2 else []
+        # kimi's); on mpi, whose agents see 2 ranks on 2 cores per "host" and tell them to yield
+        # (launcher/oversubscription.py), 12 s
+        oversubscribed = ["--backend", "mpi"] if sum(slots.values()) > 2 else []
         with ServingCluster(model, "--sharding", sharding, *oversubscribed, hostfile=hf, cache=model_cache) as c:
             got = greedy_outputs(c.base_url, model)
             c.stop()
