@@ -83,24 +83,6 @@ def parse(argv):
     return ap.parse_args(argv)
 
 
-def load_draft(name: str, group, tokenizer, config: dict):
-    """--draft: the draft model, whole, on rank 0 (runtime/draft.py); the other ranks only join
-    its collective. Its tokenizer must be the served model's: token ids are what it proposes."""
-    from runtime.contract import ModelError, resolve_model
-    from runtime.draft import DraftModel
-
-    model = None
-    if group.rank() == 0:
-        from mlx_lm.utils import load as mlx_lm_load
-
-        path, _ = resolve_model(name)
-        model, draft_tokenizer = mlx_lm_load(str(path))
-        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
-            raise ModelError(f"--draft {name}: its tokenizer differs from the served model's, so its token "
-                             "ids mean other text. Fix: a draft model of the same family (same tokenizer).")
-    return DraftModel(model, group, vocab_size=config.get("vocab_size"))
-
-
 def serve(args) -> int:
     from runtime import control
     from runtime.engine import Engine
@@ -145,6 +127,7 @@ def serve(args) -> int:
     ctx = args.max_model_len or context_length(config)
     speculator = None
     if args.speculative == "ngram" or args.draft:
+        from runtime.draft import load_draft
         from runtime.speculative import Speculator
 
         try:

@@ -72,3 +72,21 @@ class DraftModel:
             logits = self.model(mx.array([[t]]), cache=self.cache)
             self.tokens.append(t)
         return draft
+
+
+def load_draft(name: str, group, tokenizer, config: dict) -> DraftModel:
+    """--draft NAME for the served model (`tokenizer`, `config`): the draft model loads whole on
+    rank 0 only; the other ranks only join its collective. Its tokenizer must be the served
+    model's, since token ids are what it proposes (ModelError otherwise)."""
+    from runtime.contract import ModelError, resolve_model
+
+    model = None
+    if group.rank() == 0:
+        from mlx_lm.utils import load as mlx_lm_load
+
+        path, _ = resolve_model(name)
+        model, draft_tokenizer = mlx_lm_load(str(path))
+        if draft_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ModelError(f"--draft {name}: its tokenizer differs from the served model's, so its token "
+                             "ids mean other text. Fix: a draft model of the same family (same tokenizer).")
+    return DraftModel(model, group, vocab_size=config.get("vocab_size"))
