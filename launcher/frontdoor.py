@@ -212,7 +212,7 @@ class FrontDoor:
 
     def start(self, timeout: float = 30.0, *, wait: bool = True) -> "FrontDoor":
         """Serve from a daemon thread. wait=False returns at once (`run` starts the ranks
-        meanwhile: uvicorn's and the dialects' imports take ~0.2 s, and the bound socket
+        meanwhile: uvicorn's and httpx's imports take ~0.2 s, and the bound socket
         queues connections until then); wait_started() then says whether it came up."""
         self.bind()
         self._stopping = False
@@ -241,9 +241,6 @@ class FrontDoor:
 
     def _make_server(self):
         import uvicorn
-
-        # The dialects' error shapes register themselves when their modules load.
-        from runtime.api import anthropic, ollama  # noqa: F401
 
         app = self._app
         if self.api_key:

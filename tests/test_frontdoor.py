@@ -206,3 +206,38 @@ def test_binding_the_public_port_does_not_import_the_api_server():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_door_answers_every_dialect_without_the_api_stack():
+    # The door runs in the launcher while the ranks import; it needs starlette, uvicorn and
+    # httpx only. FastAPI, pydantic and the dialects' request models (numpy, mlx with them)
+    # cost ~1 s of CPU that the ranks' start competed with.
+    import subprocess
+    import sys
+
+    code = """
+import json, sys, urllib.request, urllib.error
+from launcher.frontdoor import ClusterState, FrontDoor
+d = FrontDoor(ClusterState(model='m', url='', max_restarts=0), '127.0.0.1', 0).start()
+out = {}
+for path in ('/v1/messages', '/api/chat', '/v1/chat/completions'):
+    req = urllib.request.Request(f'http://127.0.0.1:{d.port}{path}', data=b'{}', method='POST',
+                                 headers={'content-type': 'application/json'})
+    try:
+        urllib.request.urlopen(req, timeout=10)
+    except urllib.error.HTTPError as e:
+        out[path] = [e.code, json.loads(e.read())]
+d.stop()
+out['imported'] = sorted(m for m in ('fastapi', 'pydantic', 'numpy', 'mlx.core', 'transformers') if m in sys.modules)
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["imported"] == []
+    status, body = out["/v1/messages"]
+    assert status == 503 and body["type"] == "error" and body["error"]["type"] == "overloaded_error"
+    status, body = out["/api/chat"]
+    assert status == 503 and isinstance(body["error"], str) and body["error"]
+    status, body = out["/v1/chat/completions"]
+    assert status == 503 and body["error"]["message"] and "type" in body["error"]

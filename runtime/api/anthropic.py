@@ -51,7 +51,6 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Literal
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from .. import constrain
@@ -61,46 +60,15 @@ from .body import JSONRoute
 from .core import (
     StopList, StrictBody, output_budget, reply, request_grammar, sampling, split_events, stop_strings,
 )
-from .errors import APIError, bad_request, register_error_format
+from .errors import ANTHROPIC_PREFIX, anthropic_error_body as error_body, bad_request
 from .generation import Serving
 from .prompt import encode_continuation, encode_text, render_chat
 from .sse import sse_event
 
 router = APIRouter(route_class=JSONRoute)
 
-PREFIX = "/v1/messages"
+PREFIX = ANTHROPIC_PREFIX  # errors under it take Anthropic's shape (errors.py)
 _TOOL_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,128}$")
-
-
-# ------------------------------------------------------------------------------------------------
-# Errors in Anthropic's shape
-# ------------------------------------------------------------------------------------------------
-
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
-                403: "permission_error", 404: "not_found_error", 413: "request_too_large",
-                429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
-
-
-def error_type(err: APIError) -> str:
-    if err.status == 503:
-        return "api_error" if err.code == "engine_failed" else "overloaded_error"
-    if err.status in _ERROR_TYPES:
-        return _ERROR_TYPES[err.status]
-    return "invalid_request_error" if err.status < 500 else "api_error"
-
-
-def error_body(err: APIError) -> dict[str, Any]:
-    message = err.message
-    if err.status == 401 and message.startswith("missing API key"):
-        message = "missing API key: send the header 'x-api-key: YOUR_KEY'"
-    return {"type": "error", "error": {"type": error_type(err), "message": message}}
-
-
-def render_error(err: APIError) -> JSONResponse:
-    return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)
-
-
-register_error_format(PREFIX, render_error)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -515,4 +483,4 @@ async def count_tokens(request: Request, body: CountTokensRequest):
     return {"input_tokens": len(prep.tokens)}
 
 
-__all__ = ["router", "render_error", "error_body", "chat_messages", "prepare", "Blocks"]
+__all__ = ["router", "error_body", "chat_messages", "prepare", "Blocks"]

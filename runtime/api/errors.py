@@ -9,8 +9,9 @@ The default shape is OpenAI's error object:
 
     {"error": {"message": "...", "type": "invalid_request_error", "param": "temperature", "code": null}}
 
-A dialect with another error shape (Anthropic, Ollama) registers a renderer for its path
-prefix with `register_error_format(prefix, render)`; the longest matching prefix wins.
+Anthropic's (under /v1/messages) and Ollama's (under /api) shapes live here too, so that the
+launcher's front door, which answers in every dialect while the ranks restart, needs neither
+FastAPI nor the dialects' request models (with them numpy and mlx: ~1 s of CPU at launch).
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ import json
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.responses import JSONResponse
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
 
 log = logging.getLogger("exolaunch.api")
 
@@ -83,25 +84,53 @@ def internal(message: str = "internal server error (see the server log)") -> API
 
 Renderer = Callable[[APIError], JSONResponse]
 
+ANTHROPIC_PREFIX = "/v1/messages"
+OLLAMA_PREFIX = "/api"
+
 
 def _render_openai(err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
 
-_formats: dict[str, Renderer] = {}
+_ANTHROPIC_TYPES = {400: "invalid_request_error", 401: "authentication_error",
+                    403: "permission_error", 404: "not_found_error", 413: "request_too_large",
+                    429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
 
 
-def register_error_format(prefix: str, render: Renderer) -> None:
-    """Render errors for paths under `prefix` with `render` instead of OpenAI's shape."""
-    _formats[prefix] = render
+def anthropic_error_type(err: APIError) -> str:
+    if err.status == 503:
+        return "api_error" if err.code == "engine_failed" else "overloaded_error"
+    if err.status in _ANTHROPIC_TYPES:
+        return _ANTHROPIC_TYPES[err.status]
+    return "invalid_request_error" if err.status < 500 else "api_error"
+
+
+def anthropic_error_body(err: APIError) -> dict[str, Any]:
+    """{"type": "error", "error": {"type": ..., "message": ...}}; also a stream's error event."""
+    message = err.message
+    if err.status == 401 and message.startswith("missing API key"):
+        message = "missing API key: send the header 'x-api-key: YOUR_KEY'"
+    return {"type": "error", "error": {"type": anthropic_error_type(err), "message": message}}
+
+
+def _render_anthropic(err: APIError) -> JSONResponse:
+    return JSONResponse(anthropic_error_body(err), status_code=err.status, headers=err.headers)
+
+
+def _render_ollama(err: APIError) -> JSONResponse:
+    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
+
+
+_FORMATS: dict[str, Renderer] = {ANTHROPIC_PREFIX: _render_anthropic, OLLAMA_PREFIX: _render_ollama}
 
 
 def render_for_path(path: str) -> Renderer:
+    """The error shape of the dialect that serves `path` (the longest matching prefix; else OpenAI's)."""
     best = ""
-    for prefix in _formats:
+    for prefix in _FORMATS:
         if path.startswith(prefix) and len(prefix) > len(best):
             best = prefix
-    return _formats[best] if best else _render_openai
+    return _FORMATS[best] if best else _render_openai
 
 
 def error_response(path: str, err: APIError) -> JSONResponse:
@@ -158,6 +187,9 @@ def validation_message(errors: list[dict[str, Any]]) -> tuple[str, str | None]:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
         return error_response(request.url.path, exc)

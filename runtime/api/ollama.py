@@ -83,7 +83,7 @@ from .core import (
     Seed, StopList, StopString, checked_grammar, reply, request_grammar, sampling, seed_for,
     split_events, stop_or_length, stop_strings, token_logprob,
 )
-from .errors import APIError, bad_request, register_error_format
+from .errors import APIError, bad_request
 from .generation import Generation, Serving, new_id
 from .ollama_models import listed_name, resolve
 from .prompt import check_token_ids, encode_text, flatten_content, normalize_messages, render_chat
@@ -98,18 +98,6 @@ DEFAULT_TOP_K = 40
 OPTION_NAMES = {"temperature": "options.temperature", "top_p": "options.top_p",
                 "top_k": "options.top_k", "seed": "options.seed", "stop": "options.stop",
                 "max_tokens": "options.num_predict"}
-
-
-# ------------------------------------------------------------------------------------------------
-# Errors: {"error": "..."} under /api
-# ------------------------------------------------------------------------------------------------
-
-
-def _render(err: APIError) -> JSONResponse:
-    return JSONResponse({"error": err.message}, status_code=err.status, headers=err.headers)
-
-
-register_error_format("/api", _render)
 
 
 # ------------------------------------------------------------------------------------------------
