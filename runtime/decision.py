@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-VERSION = 3  # 2: prefix cache (Insert.cached/entry, keep, evict), prefill chunk; 3: run (step leases)
+# 2: prefix cache (Insert.cached/entry, keep, evict), prefill chunk; 3: run (step leases);
+# 4: min_p, logit_bias and the penalties
+VERSION = 4
 
 
 class VersionMismatch(ValueError):
@@ -32,6 +34,13 @@ class Insert:
     grammar: dict | None = None  # constrained decoding (runtime/constrain.py)
     entry: int = -1  # prefix cache entry whose first `cached` tokens' KV this request reuses
     cached: int = 0
+    min_p: float = 0.0
+    logit_bias: list[list] | None = None  # [[token id, bias], ...]
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    penalty_window: int = 0  # runtime/penalties.py: 0 OpenAI's convention, N the last N tokens
+    penalty_prompt: list[int] | None = None  # the prompt's tokens the penalties count (penalties.py)
 
 
 @dataclass

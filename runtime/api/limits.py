@@ -15,7 +15,8 @@ field name are right), using the constants here.
                                     tokenizing (`check_prompt_chars`)
     MAX_JSON_DEPTH                  nesting of a request body (runtime/api/body.py)
     DEFAULT_MAX_BODY_MB             request body size (413 beyond; `--max-body-mb`)
-    logit_bias / penalties / min_p  accepted for compatibility, not applied: still checked
+    MAX_LOGIT_BIAS                  logit_bias entries per request
+    PENALTY_MAX                     presence / frequency penalties: -2..2 (OpenAI's range)
 """
 
 from __future__ import annotations
@@ -48,6 +49,9 @@ MAX_TEMPERATURE = 100.0
 SEED_MIN, SEED_MAX = -(1 << 63), (1 << 64) - 1  # what fits an int64 or a uint64
 SEED_MOD = 1 << 63  # seeds travel to every rank as int64
 LOGIT_BIAS_MAX = 100.0  # OpenAI's range, -100..100
+MAX_LOGIT_BIAS = 1024  # entries: each travels to every rank with the request
+PENALTY_MAX = 2.0  # OpenAI's presence / frequency range, -2..2
+MAX_REPETITION_PENALTY = 100.0  # a divisor: beyond it every seen token is gone anyway
 # No natural text averages more than ~6 characters per token (English ~4, code ~3.5, CJK
 # ~1.5): a prompt with more characters than context x 16 cannot fit and is refused before it
 # occupies the tokenizer thread (8 MB of text takes ~16 s to tokenize on a 2-core host).
@@ -106,9 +110,22 @@ def checked(p: SamplingParams, vocab: int | None, names: Mapping[str, str] = {}
     if vocab and top_k >= vocab:
         top_k = 0
     seed = None if p.seed is None else int(p.seed) % SEED_MOD
+    check_number(p.min_p, _name(names, "min_p"), lo=0, hi=1)
+    for field in ("presence_penalty", "frequency_penalty"):
+        check_number(getattr(p, field), _name(names, field), lo=-PENALTY_MAX, hi=PENALTY_MAX)
+    r = _name(names, "repetition_penalty")
+    check_number(p.repetition_penalty, r, hi=MAX_REPETITION_PENALTY)
+    if not p.repetition_penalty > 0:
+        raise bad_request(f"{r}: must be > 0 (1 is off; got {_show(p.repetition_penalty)})", r)
+    check_number(p.penalty_window, _name(names, "penalty_window"), lo=0, integer=True)
+    bias = check_logit_bias(p.logit_bias, vocab, _name(names, "logit_bias"))
     return dataclasses.replace(p, max_tokens=int(p.max_tokens), temperature=float(p.temperature),
                                top_p=float(p.top_p), top_k=top_k, seed=seed,
-                               top_logprobs=int(p.top_logprobs))
+                               top_logprobs=int(p.top_logprobs), min_p=float(p.min_p),
+                               presence_penalty=float(p.presence_penalty),
+                               frequency_penalty=float(p.frequency_penalty),
+                               repetition_penalty=float(p.repetition_penalty),
+                               penalty_window=int(p.penalty_window), logit_bias=bias or None)
 
 
 def check_stops(stops: Any, param: str) -> list[str]:
@@ -141,17 +158,27 @@ def check_prompt_chars(chars: int, context_length: int, param: str) -> None:
                           f"{CHARS_PER_TOKEN} per token)", param, "context_length_exceeded")
 
 
-def check_logit_bias(bias: Mapping[str, Any] | None, vocab: int | None,
-                     param: str = "logit_bias") -> None:
-    """{token id: bias}: ids in the vocabulary, biases in -100..100 (accepted, not applied)."""
-    for key, value in (bias or {}).items():
+def check_logit_bias(bias: Mapping[Any, Any] | None, vocab: int | None,
+                     param: str = "logit_bias") -> dict[int, float]:
+    """{token id: bias} (ids as JSON's string keys or ints): at most MAX_LOGIT_BIAS of them, ids
+    in the vocabulary, biases in -100..100. Returns it with int ids and float biases."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, Mapping):
+        raise bad_request(f"{param}: must be an object of token id -> bias", param)
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise bad_request(f"{param}: at most {MAX_LOGIT_BIAS} entries (got {len(bias)})", param)
+    out: dict[int, float] = {}
+    for key, value in bias.items():
         where = f"{param}.{key}"
         try:
             token = int(key)
-        except ValueError:
+        except (TypeError, ValueError):
             raise bad_request(f"{param}: keys must be token ids (got {_show(key)})", param) \
                 from None
         if token < 0 or (vocab and token >= vocab):
             raise bad_request(f"{param}: token id {token} is out of range (vocabulary: "
                               f"{vocab})", param)
         check_number(value, where, lo=-LOGIT_BIAS_MAX, hi=LOGIT_BIAS_MAX)
+        out[token] = float(value)
+    return out

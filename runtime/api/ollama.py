@@ -23,10 +23,13 @@ Options (`options`): temperature (0..100, default 0.8; 0 = greedy, else at least
 (list of up to 16 strings of at most 256 characters, or one string), num_ctx (the context
 window for this request, at most the model's: num_predict is capped to num_ctx minus the
 prompt, which then ends with done_reason "length"; a prompt that alone fills num_ctx, or the
-model's context, is a 400: prompts are never silently truncated). min_p, typical_p,
-repeat_penalty, presence_penalty, frequency_penalty and repeat_last_n are checked (finite, in
-range) and ignored, like Ollama's other options (num_gpu, mirostat, ...). NaN and infinities
-are a 400. The limits are runtime/api/limits.py.
+model's context, is a 400: prompts are never silently truncated). min_p (0..1), repeat_penalty
+(0 or 1: off), presence_penalty and frequency_penalty (-2..2) are applied as llama.cpp does, all
+three over the last repeat_last_n tokens of prompt and output (default 64; -1: the context; 0:
+no penalties; runtime/penalties.py); Ollama's default repeat_penalty of 1.1 is not, so output
+stays what the other dialects give. typical_p is checked and ignored, like Ollama's other
+options (num_gpu, mirostat, ...). NaN and infinities are a 400. The limits are
+runtime/api/limits.py.
 
 A body is JSON whatever its Content-Type says (runtime/api/body.py, AnyJSONRoute), as in
 Ollama: `curl URL -d '{...}'` sends application/x-www-form-urlencoded.
@@ -97,7 +100,10 @@ DEFAULT_TOP_P = 0.9
 DEFAULT_TOP_K = 40
 OPTION_NAMES = {"temperature": "options.temperature", "top_p": "options.top_p",
                 "top_k": "options.top_k", "seed": "options.seed", "stop": "options.stop",
-                "max_tokens": "options.num_predict"}
+                "max_tokens": "options.num_predict", "min_p": "options.min_p",
+                "presence_penalty": "options.presence_penalty", "frequency_penalty": "options.frequency_penalty",
+                "repetition_penalty": "options.repeat_penalty", "penalty_window": "options.repeat_last_n"}
+REPEAT_LAST_N = 64  # Ollama's default window for the penalties
 
 
 # ------------------------------------------------------------------------------------------------
@@ -120,12 +126,11 @@ class Options(_Body):
     num_ctx: int | None = Field(None, ge=1)
     stop: StopString | StopList | None = None
     tool_choice: str | dict[str, Any] | None = None  # exolaunch extension
-    # checked, not applied
     min_p: float | None = Field(None, ge=0, le=1)
-    typical_p: float | None = Field(None, ge=0, le=1)
-    repeat_penalty: float | None = Field(None, ge=0)
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
+    typical_p: float | None = Field(None, ge=0, le=1)  # checked, not applied
+    repeat_penalty: float | None = Field(None, ge=0, le=limits.MAX_REPETITION_PENALTY)
+    presence_penalty: float | None = Field(None, ge=-limits.PENALTY_MAX, le=limits.PENALTY_MAX)
+    frequency_penalty: float | None = Field(None, ge=-limits.PENALTY_MAX, le=limits.PENALTY_MAX)
     repeat_last_n: int | None = Field(None, ge=-1)
 
 
@@ -200,12 +205,17 @@ def _params(request: Request, serving: Serving, body: _Gen, prompt_len: int,
         raise bad_request('option "num_predict" must be >= 1, or -1 / -2 (up to the context)',
                           "options.num_predict")
     want_lp = bool(body.logprobs)
+    window = REPEAT_LAST_N if o.repeat_last_n is None else ctx if o.repeat_last_n == -1 else o.repeat_last_n
+    penalties = {}
+    if window:  # llama.cpp: a window of 0 turns all three off
+        penalties = dict(presence_penalty=o.presence_penalty or 0.0, frequency_penalty=o.frequency_penalty or 0.0,
+                         repetition_penalty=o.repeat_penalty or 1.0, penalty_window=window)
     return SamplingParams(
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
         seed=seed_for(None if seed == -1 else seed),
         stop=stop_strings(o.stop, "options.stop"),
         logprobs=want_lp, top_logprobs=(body.top_logprobs or 0) if want_lp else 0,
-        grammar=grammar,
+        grammar=grammar, min_p=o.min_p or 0.0, **penalties,
     )
 
 

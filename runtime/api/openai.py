@@ -11,10 +11,11 @@ characters), n (1..16), stream, stream_options.include_usage, logprobs + top_log
 bool + 0..20), logprobs (completions: int 0..20), echo (completions, without logprobs).
 Completions: at most 128 sequences (prompts x n) per request. Without max_tokens a request
 may use the rest of the context; a max_tokens larger than the context leaves is clamped to it
-(finish_reason "length"; `--strict-max-tokens`: a 400). presence_penalty / frequency_penalty (-2..2), logit_bias
-(token ids of the vocabulary: -100..100), min_p (0..1) and repetition_penalty (> 0) are
-checked and ignored; unknown fields are accepted and ignored (user, ...). The limits are
-runtime/api/limits.py.
+(finish_reason "length"; `--strict-max-tokens`: a 400). presence_penalty / frequency_penalty
+(-2..2, over the generated tokens), logit_bias (up to 1024 token ids of the vocabulary: -100..100),
+and the extensions min_p (0..1) and repetition_penalty (> 0, over prompt and output; vLLM's) are
+applied on every rank (runtime/penalties.py); unknown fields are accepted and ignored (user, ...).
+The limits are runtime/api/limits.py.
 
 Tools (chat): `tools` (function tools), `tool_choice` ("auto" default with tools, "none",
 "required", {"type": "function", "function": {"name": ...}}). Tools go to the chat template;
@@ -89,11 +90,11 @@ class _Common(StrictBody):
     stop: StopString | StopList | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
-    frequency_penalty: float | None = Field(None, ge=-2, le=2)  # accepted, not applied
-    logit_bias: dict[str, float] | None = None  # accepted (checked), not applied
-    min_p: float | None = Field(None, ge=0, le=1)  # extension: accepted, not applied
-    repetition_penalty: float | None = Field(None, gt=0)  # extension: accepted, not applied
+    presence_penalty: float | None = Field(None, ge=-limits.PENALTY_MAX, le=limits.PENALTY_MAX)
+    frequency_penalty: float | None = Field(None, ge=-limits.PENALTY_MAX, le=limits.PENALTY_MAX)
+    logit_bias: dict[str, float] | None = None  # checked in limits.checked (ids need the vocabulary)
+    min_p: float | None = Field(None, ge=0, le=1)  # extension (vLLM's)
+    repetition_penalty: float | None = Field(None, gt=0, le=limits.MAX_REPETITION_PENALTY)  # extension (vLLM's)
     user: str | None = None
     ignore_eos: bool | None = False  # extension (vLLM's): always generate max_tokens
 
@@ -125,7 +126,6 @@ class CompletionRequest(_Common):
 def _params(request: Request, serving: Serving, body: _Common, max_tokens: int | None,
             prompt_len: int, logprobs: bool, top_logprobs: int, grammar: dict | None = None,
             param: str = "max_tokens") -> list[SamplingParams]:
-    limits.check_logit_bias(body.logit_bias, serving.vocab_size)
     temperature, top_p = sampling(body.temperature, body.top_p)
     max_tokens = output_budget(request, serving, max_tokens, prompt_len, param)
     stops = stop_strings(body.stop, "stop")
@@ -133,7 +133,9 @@ def _params(request: Request, serving: Serving, body: _Common, max_tokens: int |
         max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=body.top_k or 0,
         seed=seed_for(body.seed, i), stop=list(stops), logprobs=logprobs,
         top_logprobs=top_logprobs if logprobs else 0, ignore_eos=bool(body.ignore_eos),
-        grammar=grammar,
+        grammar=grammar, min_p=body.min_p or 0.0, logit_bias=body.logit_bias,
+        presence_penalty=body.presence_penalty or 0.0, frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
     ) for i in range(body.n or 1)]
 
 
