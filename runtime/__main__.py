@@ -86,7 +86,7 @@ def parse(argv):
 def serve(args) -> int:
     from runtime import control
     from runtime.engine import Engine
-    from runtime.group import init_group
+    from runtime.group import finish, init_group
     from runtime.contract import ModelError, context_length, resolve_model
     from runtime.loader import load
     from runtime.warm import ENV_WARM, warm
@@ -163,6 +163,8 @@ def serve(args) -> int:
         except Exception as e:
             follower.report_error(f"rank {rank}: {type(e).__name__}: {e}")
             raise
+        if args.cmd == "bench":
+            finish(group, 0)  # with rank 0's, after its report (MPI_Finalize: no mpirun banner)
         return 0
 
     if args.cmd == "bench":
@@ -178,7 +180,7 @@ def serve(args) -> int:
 
         run_inprocess(engine, args)
         engine.shutdown()
-        return 0
+        finish(group, 0)
 
     # The engine thread and the API thread share rank 0's GIL. At the default 5 ms switch
     # interval a waiting engine thread can lose milliseconds per token to the API thread,

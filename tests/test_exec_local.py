@@ -34,6 +34,7 @@ def test_mpi_local_ranks():
     assert r.returncode == 0, r.stderr
     assert sorted(line.split()[0] for line in r.stdout.splitlines()) == ["[0@local]", "[1@local]", "[2@local]"]
     assert "backend mpi" in r.stdout
+    assert "exiting improperly" not in r.stderr  # runtime.group.finish called MPI_Finalize
 
 
 def test_oversubscribed_mpi_ranks_yield_their_core():
