@@ -39,8 +39,8 @@ class Insert:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
-    penalty_window: int = 0  # runtime/penalties.py: 0 OpenAI's convention, N the last N tokens
-    penalty_prompt: list[int] | None = None  # the prompt's tokens the penalties count (penalties.py)
+    penalty_window: int = 0  # runtime/sampling.py: 0 OpenAI's convention, N the last N tokens
+    penalty_prompt: list[int] | None = None  # the prompt's tokens the penalties count (sampling.py)
 
 
 @dataclass

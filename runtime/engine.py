@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 import threading
 import time
@@ -32,16 +31,14 @@ from pathlib import Path
 
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences, generation_stream
-from mlx_lm.sample_utils import apply_top_p
 
-from runtime import constrain, cpu_attention, kv_quant, penalties
+from runtime import constrain, cpu_attention, kv_quant, sampling
 from runtime.prefix_cache import GB, KVStore, PrefixIndex, common_prefix, cut, prefixable
 from runtime.decision import Insert, StepDecision
 from runtime.stepstats import StepStats
 from runtime.steptrace import StepTrace
 from runtime.requests import (
-    EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, QueueFull, RequestHandle, SamplingParams,
-    TokenEvent,
+    EngineFailed, FinishEvent, GenerationRequest, PromptTooLong, QueueFull, RequestHandle, TokenEvent,
 )
 
 log = logging.getLogger("exolaunch.engine")
@@ -55,67 +52,6 @@ MAX_LEASE = 16
 # so they prefill as one batch instead of the later ones waiting for the first one's prefill.
 COALESCE_SECONDS = 0.03
 MIN_SHARE = 64  # tokens a running sequence must add over the prefix cache for a prompt to share its KV
-
-
-def _greedy(logprobs: mx.array) -> mx.array:
-    return mx.argmax(logprobs, axis=-1)
-
-
-def _top_k(logprobs: mx.array, k: int) -> mx.array:
-    """Keep the k most likely tokens. Not mlx-lm's apply_top_k: that one raises for k >= the
-    vocabulary (inside every rank's step, which ends the cluster) and, compiled with k as a
-    constant, compiles anew for every distinct k."""
-    if k >= logprobs.shape[-1]:
-        return logprobs
-    drop = mx.argpartition(-logprobs, kth=k - 1, axis=-1)[..., k:]
-    return mx.put_along_axis(logprobs, drop, mx.array(-float("inf"), logprobs.dtype), axis=-1)
-
-
-def make_sampler(temperature: float, top_p: float, top_k: int, seed: int, min_p: float = 0.0):
-    """A per-request sampler with its own PRNG key: the same seed gives the same tokens on
-    every rank and in every batch composition. Greedy requests share one function so the
-    generator can sample them in one batched call. The API validates the values; out-of-range
-    ones are still made harmless here, since a sampler that raises stops every rank."""
-    if not temperature > 0 or not math.isfinite(temperature):  # NaN, 0, negative: greedy
-        return _greedy
-    state = [mx.random.key(seed)]
-    inv_t = 1.0 / max(temperature, 1e-6)
-    # top_p as an array: mlx compiles apply_top_p once per distinct Python float otherwise
-    # (0.7 s each on the CPU build), and a client sweeping top_p would stall every request.
-    p = mx.array(top_p, dtype=mx.float32) if 0 < top_p < 1 else None
-    # min_p: keep log p >= log p_max + log min_p (mlx-lm's apply_min_p compiles per value too)
-    floor = mx.array(math.log(min_p), dtype=mx.float32) if 0 < min_p <= 1 else None
-
-    def sample(logprobs: mx.array) -> mx.array:
-        if top_k > 0:
-            logprobs = _top_k(logprobs, top_k)
-        if floor is not None:
-            low = logprobs < logprobs.max(axis=-1, keepdims=True) + floor
-            logprobs = mx.where(low, mx.array(-float("inf"), logprobs.dtype), logprobs)
-        if p is not None:
-            logprobs = apply_top_p(logprobs, p)
-        state[0], sub = mx.random.split(state[0])
-        return mx.random.categorical(logprobs * inv_t, key=sub)
-
-    return sample
-
-
-def _sampling_extras(p: SamplingParams, prompt: list[int]) -> dict:
-    """Insert's min_p, logit_bias and penalty fields for a request; the prompt's tokens the
-    penalties count travel with it, since a follower restores a cached prefix without them."""
-    out: dict = {}
-    if p.min_p:
-        out["min_p"] = p.min_p
-    if p.logit_bias:
-        out["logit_bias"] = [[int(t), float(b)] for t, b in p.logit_bias.items()]
-    if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
-        out.update(presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                   repetition_penalty=p.repetition_penalty, penalty_window=p.penalty_window)
-        if p.penalty_window:
-            out["penalty_prompt"] = list(prompt[-p.penalty_window:])
-        elif p.repetition_penalty != 1.0:
-            out["penalty_prompt"] = sorted(set(prompt))
-    return out
 
 
 @dataclass
@@ -343,7 +279,7 @@ class Engine:
             self.stats.prefix_lookup(len(prompt), cached, self.index is not None)
             inserts.append(Insert(prompt[cached:], p.max_tokens, p.temperature, p.top_p, p.top_k,
                                   seed, eos=not p.ignore_eos, grammar=p.grammar, entry=entry, cached=cached,
-                                  **_sampling_extras(p, prompt)))
+                                  **sampling.insert_fields(p, prompt)))
             self._new_handles.append(h)
         step = not stopping and (bool(inserts) or bool(self._live))
         # A lease: while nothing waits, every rank runs several steps on this decision, as many as
@@ -421,7 +357,7 @@ class Engine:
                 [i.tokens for i in ins],
                 max_tokens=[i.max_tokens for i in ins],
                 caches=[self.store.restore(i.entry, i.cached) if i.cached else self._make_cache() for i in ins],
-                samplers=[make_sampler(i.temperature, i.top_p, i.top_k, i.seed, i.min_p) for i in ins],
+                samplers=[sampling.make_sampler(i.temperature, i.top_p, i.top_k, i.seed, i.min_p) for i in ins],
                 stop_sequences=[self._stop_eos if i.eos else self._stop_none for i in ins],
                 logits_processors=[self._processors(i) for i in ins],
             )
@@ -572,7 +508,7 @@ class Engine:
     def _processors(self, i: Insert) -> list:
         """The logits processors of an inserted sequence: bias and penalties, then the grammar's
         mask last, so that nothing lifts a token the grammar forbids."""
-        out = penalties.processors(i.logit_bias, i.presence_penalty, i.frequency_penalty,
+        out = sampling.processors(i.logit_bias, i.presence_penalty, i.frequency_penalty,
                                    i.repetition_penalty, i.penalty_prompt, i.penalty_window)
         if i.grammar:
             out.append(constrain.logits_processor(i.grammar, self.tokenizer))

@@ -34,7 +34,7 @@ class SamplingParams:
     # mask, e.g. {"type": "json_schema", "schema": {...}}, {"type": "json_object"},
     # {"type": "lark", "grammar": "..."} (see runtime/constrain.py).
     grammar: dict | None = None
-    # Every rank applies these alike (runtime/penalties.py): min_p keeps the tokens at least
+    # Every rank applies these alike (runtime/sampling.py): min_p keeps the tokens at least
     # min_p x as likely as the most likely one (0: off; before temperature, as llama.cpp);
     # logit_bias is added to the logits; the penalties follow OpenAI's convention (presence and
     # frequency over the output, repetition over prompt and output), or with penalty_window N

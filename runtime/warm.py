@@ -10,7 +10,7 @@ batch generator's first prompt batch and first decode step.
 
 warm() runs one throwaway batch through the model the way the engine will: a short prefill into
 caches from the engine's own factory (quantized with --kv-bits), then the first token, with a
-greedy and a top-k/top-p/temperature sampler (runtime.engine.make_sampler) side by side. Every
+greedy and a top-k/top-p/temperature sampler (runtime.sampling.make_sampler) side by side. Every
 rank calls it at the same point with the same inputs, so the collectives inside the forwards
 match; mlx-lm's generator issues them on generation_stream, as the engine's do.
 """
@@ -34,7 +34,7 @@ def warm(model, make_cache) -> float:
     """Run the throwaway batch on this rank; seconds taken. Same call on every rank."""
     from mlx_lm.generate import BatchGenerator, StopSequences
 
-    from runtime.engine import make_sampler
+    from runtime.sampling import make_sampler
 
     t0 = time.perf_counter()
     gen = BatchGenerator(model, completion_batch_size=2, prefill_batch_size=2, prefill_step_size=PROMPT_TOKENS)

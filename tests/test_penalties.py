@@ -1,4 +1,4 @@
-"""logit_bias, min_p and the penalties (runtime/penalties.py, engine.make_sampler): the processors
+"""logit_bias, min_p and the penalties (runtime/sampling.py): the processors
 against a plain numpy statement of each convention, and the engine's greedy tokens against a
 reference decode loop that applies them by hand."""
 
@@ -10,8 +10,8 @@ import mlx.core as mx
 import numpy as np
 import pytest
 
-from runtime import penalties
-from runtime.engine import make_sampler
+from runtime import sampling
+from runtime.sampling import make_sampler
 from runtime.requests import GenerationRequest, SamplingParams
 
 VOCAB = 12
@@ -67,7 +67,7 @@ def test_processors_follow_each_convention(kw):
     window = kw.get("window", 0)
     rep = kw.get("repetition", 1.0)
     tail = prompt[-window:] if window else sorted(set(prompt)) if rep != 1.0 else None
-    procs = penalties.processors([[t, b] for t, b in kw.get("bias", {}).items()] or None,
+    procs = sampling.processors([[t, b] for t, b in kw.get("bias", {}).items()] or None,
                                  kw.get("presence", 0.0), kw.get("frequency", 0.0), rep, tail, window)
     got = drive(procs, prompt, generated, steps)
     for k, logits in enumerate(steps):
@@ -76,7 +76,7 @@ def test_processors_follow_each_convention(kw):
 
 
 def test_nothing_asked_no_processors():
-    assert penalties.processors(None, 0.0, 0.0, 1.0, None, 0) == []
+    assert sampling.processors(None, 0.0, 0.0, 1.0, None, 0) == []
 
 
 def test_min_p_keeps_only_tokens_near_the_top():

@@ -223,7 +223,7 @@ def test_a_second_sequence_joining_after_speculative_steps(model):
 
 
 def test_sampling_is_reproducible_with_a_seed(model):
-    from runtime.engine import make_sampler
+    from runtime.sampling import make_sampler
 
     runs = [decode(model, [LOOP], Speculator(), samplers=[make_sampler(0.8, 1.0, 0, 7)])[0] for _ in range(2)]
     assert [r[0] for r in runs[0].values()] == [r[0] for r in runs[1].values()]
@@ -282,7 +282,7 @@ def test_a_draft_token_beyond_the_served_vocabulary_ends_the_draft(model):
 
 # -- two ranks: tensor parallel under exolaunch exec ----------------------------------------------
 def rank_main(model_dir: str) -> None:
-    from runtime.engine import make_sampler
+    from runtime.sampling import make_sampler
     from runtime.group import finish, init_group
     from runtime.loader import load
 

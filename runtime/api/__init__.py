@@ -37,7 +37,7 @@ Decisions where the OpenAI spec is silent or this server differs:
 - Without max_tokens a request may generate up to the rest of the context window.
 - n choices are n engine requests; with a seed, choice i uses seed+i (mod 2**63).
 - top_p == 0 means greedy; top_k >= the vocabulary means off. presence/frequency penalties,
-  logit_bias, min_p and repetition_penalty are applied on every rank (runtime/penalties.py);
+  logit_bias, min_p and repetition_penalty are applied on every rank (runtime/sampling.py);
   unknown fields are ignored.
 - A full engine queue is a 429 with Retry-After (seconds) and retry-after-ms, in each
   dialect's error shape.

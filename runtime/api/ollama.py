@@ -26,7 +26,7 @@ prompt, which then ends with done_reason "length"; a prompt that alone fills num
 model's context, is a 400: prompts are never silently truncated). min_p (0..1), repeat_penalty
 (0 or 1: off), presence_penalty and frequency_penalty (-2..2) are applied as llama.cpp does, all
 three over the last repeat_last_n tokens of prompt and output (default 64; -1: the context; 0:
-no penalties; runtime/penalties.py); Ollama's default repeat_penalty of 1.1 is not, so output
+no penalties; runtime/sampling.py); Ollama's default repeat_penalty of 1.1 is not, so output
 stays what the other dialects give. typical_p is checked and ignored, like Ollama's other
 options (num_gpu, mirostat, ...). NaN and infinities are a 400. The limits are
 runtime/api/limits.py.

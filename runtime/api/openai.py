@@ -14,7 +14,7 @@ may use the rest of the context; a max_tokens larger than the context leaves is 
 (finish_reason "length"; `--strict-max-tokens`: a 400). presence_penalty / frequency_penalty
 (-2..2, over the generated tokens), logit_bias (up to 1024 token ids of the vocabulary: -100..100),
 and the extensions min_p (0..1) and repetition_penalty (> 0, over prompt and output; vLLM's) are
-applied on every rank (runtime/penalties.py); unknown fields are accepted and ignored (user, ...).
+applied on every rank (runtime/sampling.py); unknown fields are accepted and ignored (user, ...).
 The limits are runtime/api/limits.py.
 
 Tools (chat): `tools` (function tools), `tool_choice` ("auto" default with tools, "none",
