@@ -51,7 +51,10 @@ SEED_MOD = 1 << 63  # seeds travel to every rank as int64
 LOGIT_BIAS_MAX = 100.0  # OpenAI's range, -100..100
 MAX_LOGIT_BIAS = 1024  # entries: each travels to every rank with the request
 PENALTY_MAX = 2.0  # OpenAI's presence / frequency range, -2..2
-MAX_REPETITION_PENALTY = 100.0  # a divisor: beyond it every seen token is gone anyway
+# repetition_penalty divides (or multiplies) logits: within these bounds they stay finite in
+# float32 and bfloat16 (a divisor near 0 made them inf, then NaN, on every rank); beyond them
+# every seen token is gone, or favoured, anyway
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 # No natural text averages more than ~6 characters per token (English ~4, code ~3.5, CJK
 # ~1.5): a prompt with more characters than context x 16 cannot fit and is refused before it
 # occupies the tokenizer thread (8 MB of text takes ~16 s to tokenize on a 2-core host).
@@ -113,10 +116,8 @@ def checked(p: SamplingParams, vocab: int | None, names: Mapping[str, str] = {}
     check_number(p.min_p, _name(names, "min_p"), lo=0, hi=1)
     for field in ("presence_penalty", "frequency_penalty"):
         check_number(getattr(p, field), _name(names, field), lo=-PENALTY_MAX, hi=PENALTY_MAX)
-    r = _name(names, "repetition_penalty")
-    check_number(p.repetition_penalty, r, hi=MAX_REPETITION_PENALTY)
-    if not p.repetition_penalty > 0:
-        raise bad_request(f"{r}: must be > 0 (1 is off; got {_show(p.repetition_penalty)})", r)
+    check_number(p.repetition_penalty, _name(names, "repetition_penalty"), lo=MIN_REPETITION_PENALTY,
+                 hi=MAX_REPETITION_PENALTY)
     check_number(p.penalty_window, _name(names, "penalty_window"), lo=0, integer=True)
     bias = check_logit_bias(p.logit_bias, vocab, _name(names, "logit_bias"))
     return dataclasses.replace(p, max_tokens=int(p.max_tokens), temperature=float(p.temperature),

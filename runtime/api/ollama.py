@@ -24,7 +24,7 @@ Options (`options`): temperature (0..100, default 0.8; 0 = greedy, else at least
 window for this request, at most the model's: num_predict is capped to num_ctx minus the
 prompt, which then ends with done_reason "length"; a prompt that alone fills num_ctx, or the
 model's context, is a 400: prompts are never silently truncated). min_p (0..1), repeat_penalty
-(0 or 1: off), presence_penalty and frequency_penalty (-2..2) are applied as llama.cpp does, all
+(0.01..100; 0 or 1: off), presence_penalty and frequency_penalty (-2..2) are applied as llama.cpp does, all
 three over the last repeat_last_n tokens of prompt and output (default 64; -1: the context; 0:
 no penalties; runtime/sampling.py); Ollama's default repeat_penalty of 1.1 is not, so output
 stays what the other dialects give. typical_p is checked and ignored, like Ollama's other

@@ -13,7 +13,7 @@ Completions: at most 128 sequences (prompts x n) per request. Without max_tokens
 may use the rest of the context; a max_tokens larger than the context leaves is clamped to it
 (finish_reason "length"; `--strict-max-tokens`: a 400). presence_penalty / frequency_penalty
 (-2..2, over the generated tokens), logit_bias (up to 1024 token ids of the vocabulary: -100..100),
-and the extensions min_p (0..1) and repetition_penalty (> 0, over prompt and output; vLLM's) are
+and the extensions min_p (0..1) and repetition_penalty (0.01..100, over prompt and output; vLLM's) are
 applied on every rank (runtime/sampling.py); unknown fields are accepted and ignored (user, ...).
 The limits are runtime/api/limits.py.
 
@@ -94,7 +94,8 @@ class _Common(StrictBody):
     frequency_penalty: float | None = Field(None, ge=-limits.PENALTY_MAX, le=limits.PENALTY_MAX)
     logit_bias: dict[str, float] | None = None  # checked in limits.checked (ids need the vocabulary)
     min_p: float | None = Field(None, ge=0, le=1)  # extension (vLLM's)
-    repetition_penalty: float | None = Field(None, gt=0, le=limits.MAX_REPETITION_PENALTY)  # extension (vLLM's)
+    repetition_penalty: float | None = Field(None, ge=limits.MIN_REPETITION_PENALTY,
+                                             le=limits.MAX_REPETITION_PENALTY)  # extension (vLLM's)
     user: str | None = None
     ignore_eos: bool | None = False  # extension (vLLM's): always generate max_tokens
 
