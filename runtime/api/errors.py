@@ -11,7 +11,7 @@ The default shape is OpenAI's error object:
 
 Anthropic's (under /v1/messages) and Ollama's (under /api) shapes live here too, so that the
 launcher's front door, which answers in every dialect while the ranks restart, needs neither
-FastAPI nor the dialects' request models (with them numpy and mlx: ~1 s of CPU at launch).
+FastAPI nor the dialects' request models (with them numpy and mlx: ~0.5 s of CPU at launch).
 """
 
 from __future__ import annotations
