@@ -88,6 +88,7 @@ def insert_fields(p: SamplingParams, prompt: list[int]) -> dict:
             out["penalty_prompt"] = sorted(set(prompt))
     return out
 
+
 def processors(bias: list[list] | None, presence: float, frequency: float, repetition: float,
                prompt: list[int] | None, window: int) -> list:
     """The processors one sequence needs (none when nothing is asked). `prompt`: with window 0
@@ -114,29 +115,31 @@ class _Penalties:
         self.presence, self.frequency, self.repetition = presence, frequency, repetition
         self.window = window
         self.prompt = mx.array(prompt, dtype=mx.int32)
+        self.started = False
         self.counts: mx.array | None = None  # window 0: per token id, how often generated so far
+        self.in_prompt: mx.array | None = None  # window 0: the prompt's tokens (repetition only)
         self.recent = self.prompt  # window N: the last N tokens of prompt and output, in order
-        self.seen: mx.array | None = None  # window 0: the prompt's tokens (repetition only)
 
     def __call__(self, context: mx.array, logits: mx.array) -> mx.array:
         vocab = logits.shape[-1]
-        first = self.counts is None
-        if first:
-            self.counts = mx.zeros((vocab,), dtype=mx.float32)
-            in_prompt = mx.zeros((vocab,), dtype=mx.float32)
-            if self.window == 0 and self.repetition != 1.0 and self.prompt.size:
-                in_prompt = in_prompt.at[self.prompt].add(1.0)
-            self.seen = in_prompt > 0
-        elif self.window == 0:
-            self.counts = self.counts.at[context[-1:]].add(1.0)
+        fed = context[-1:]  # the sampled token this step feeds (after the first step)
         if self.window:
-            if not first:
-                self.recent = mx.concatenate([self.recent, context[-1:]])[-self.window:]
+            if self.started:
+                self.recent = mx.concatenate([self.recent, fed])[-self.window:]
             counts = mx.zeros((vocab,), dtype=mx.float32).at[self.recent].add(1.0)
             seen = counts > 0
         else:
+            if not self.started:
+                self.counts = mx.zeros((vocab,), dtype=mx.float32)
+                marks = mx.zeros((vocab,), dtype=mx.float32)
+                if self.repetition != 1.0 and self.prompt.size:
+                    marks = marks.at[self.prompt].add(1.0)
+                self.in_prompt = marks > 0
+            else:
+                self.counts = self.counts.at[fed].add(1.0)
             counts = self.counts
-            seen = self.seen | (counts > 0)
+            seen = self.in_prompt | (counts > 0)
+        self.started = True
         x = logits.astype(mx.float32)
         if self.repetition != 1.0:
             x = mx.where(seen, mx.where(x > 0, x / self.repetition, x * self.repetition), x)
