@@ -6,7 +6,8 @@ queue kept overfull, then check that nothing admitted was lost and nothing was l
 
 Starts `exolaunch run` (launcher.served, as batch and bench do) with small admission limits so
 that `--streams` concurrent clients overfill the queue. Each client loops until the time is up:
-a streaming chat completion of 16-64 tokens; `--disconnects` of them close their connection
+a streaming chat completion of 16-64 tokens (half of them with logit_bias, penalties and min_p
+at random, extremes included); `--disconnects` of them close their connection
 after a few chunks, once. Prints (and exits 1 unless all hold):
 - admitted streams: completed / dropped or corrupted (an error event, a bad chunk, no [DONE]);
 - refusals: 429 with Retry-After / anything else (5xx, connection errors);
@@ -49,6 +50,10 @@ async def one_stream(client: httpx.AsyncClient, url: str, leave_after: int | Non
     """One request; returns how long to wait before the next (Retry-After on a 429)."""
     body = {"model": "default", "stream": True, "max_tokens": rng.randint(16, 64), "temperature": 0.7,
             "messages": [{"role": "user", "content": f"soak {rng.random()}"}]}
+    if rng.random() < 0.5:  # half the streams sample with bias, penalties and min_p (runtime/sampling.py)
+        body.update(presence_penalty=rng.uniform(-2, 2), frequency_penalty=rng.uniform(-2, 2),
+                    repetition_penalty=rng.choice([0.01, 1.3, 100.0]), min_p=rng.choice([0.0, 0.1, 1.0]),
+                    logit_bias={str(rng.randrange(1, 64)): rng.uniform(-100, 100) for _ in range(rng.randint(0, 8))})
     try:
         async with client.stream("POST", url, json=body) as r:
             if r.status_code == 429:
