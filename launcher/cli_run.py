@@ -186,8 +186,13 @@ def run_(
     fallback: Optional[str] = typer.Option(
         None, "--fallback", help="OpenAI-compatible base URL (e.g. https://openrouter.ai/api/v1) that serves "
                                  "OpenAI requests while the cluster is down, loading or full."),
+    fallback_anthropic: Optional[str] = typer.Option(
+        None, "--fallback-anthropic", help="Anthropic-compatible base URL, as ANTHROPIC_BASE_URL (e.g. "
+                                           "https://api.moonshot.ai/anthropic), for Messages requests likewise."),
+    fallback_ollama: Optional[str] = typer.Option(
+        None, "--fallback-ollama", help="Ollama server URL (e.g. http://127.0.0.1:11434) for Ollama requests likewise."),
     fallback_key_env: Optional[str] = typer.Option(
-        None, "--fallback-key-env", help="Environment variable holding the fallback's API key."),
+        None, "--fallback-key-env", help="Environment variable holding the fallbacks' API key."),
     fallback_model: List[str] = typer.Option(
         [], "--fallback-model", help="Model name at the fallback: NAME for every request, or LOCAL=REMOTE (repeatable)."),
 ):
@@ -200,7 +205,8 @@ def run_(
     blas = check_blas(blas)
     if restart < 0:
         raise ConfigError(f"--restart {restart}: expected a whole number of at least 0.")
-    fb = _fallback_config(fallback, fallback_key_env, fallback_model)
+    fb = _fallback_config({"--fallback": fallback, "--fallback-anthropic": fallback_anthropic,
+                           "--fallback-ollama": fallback_ollama}, fallback_key_env, fallback_model)
     if model is None:
         model, note = contract.default_model()
         if note:
@@ -383,28 +389,33 @@ def _public_url(host: str, port: int) -> str:
     return f"http://{f'[{shown}]' if ':' in shown else shown}:{port}/v1"
 
 
-def _fallback_config(url: Optional[str], key_env: Optional[str], models: List[str]):
-    """--fallback, --fallback-key-env, --fallback-model checked (one line naming the flag)."""
+def _fallback_config(urls: dict[str, Optional[str]], key_env: Optional[str], models: List[str]):
+    """--fallback, --fallback-anthropic, --fallback-ollama, --fallback-key-env, --fallback-model
+    checked (one line naming the flag)."""
     import os
     from urllib.parse import urlsplit
 
     from launcher.frontdoor import Fallback, parse_fallback_models
 
-    if url is None:
+    examples = {"--fallback": "https://openrouter.ai/api/v1", "--fallback-anthropic": "https://api.moonshot.ai/anthropic",
+                "--fallback-ollama": "http://127.0.0.1:11434"}
+    if not any(urls.values()):
         if key_env or models:
-            raise ConfigError(f"{'--fallback-key-env' if key_env else '--fallback-model'} needs --fallback URL.")
+            raise ConfigError(f"{'--fallback-key-env' if key_env else '--fallback-model'} needs --fallback URL "
+                              "(or --fallback-anthropic / --fallback-ollama).")
         return None
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError(f"--fallback {url!r}: expected an http:// or https:// base URL such as "
-                          "https://openrouter.ai/api/v1.")
+    for flag, url in urls.items():
+        parts = urlsplit(url or "")
+        if url is not None and (parts.scheme not in ("http", "https") or not parts.hostname):
+            raise ConfigError(f"{flag} {url!r}: expected an http:// or https:// base URL such as {examples[flag]}.")
     key = None
     if key_env is not None:
         key = os.environ.get(key_env)
         if not key:
             raise ConfigError(f"--fallback-key-env {key_env}: that environment variable is not set (or empty).")
     model, mapping = parse_fallback_models(models)
-    return Fallback(url=url.rstrip("/"), key=key, model=model, models=mapping)
+    url, anthropic_url, ollama_url = ((u.rstrip("/") if u else None) for u in urls.values())
+    return Fallback(url=url, key=key, model=model, models=mapping, anthropic_url=anthropic_url, ollama_url=ollama_url)
 
 
 def _serve_restarting(state, max_restarts: int, rank_spec, check, sopts, *, tag_output, log_dir, ready_timeout,

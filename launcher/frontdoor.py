@@ -8,9 +8,11 @@ refused". What it answers depends on `ClusterState.phase` (written by the restar
                           Ollama's NDJSON); responses carry `x-exolaunch-served-by: cluster`
     starting, restarting, stopping
                           /health and /ready: 503 with the phase and the reason;
-                          inference: to the --fallback upstream where it speaks the dialect
-                          (OpenAI chat, completions, responses, models), else 503 with
-                          Retry-After in the dialect's own error shape (runtime/api/errors.py)
+                          inference: to the fallback upstream that speaks the request's
+                          dialect (--fallback: OpenAI chat, completions, responses, models;
+                          --fallback-anthropic: Messages; --fallback-ollama: chat, generate,
+                          tags, show), else 503 with Retry-After in the dialect's own error
+                          shape (runtime/api/errors.py)
     GET /exolaunch/status the run's state as JSON (phase, restarts, hosts, upstream...): what
                           `exolaunch ps` shows. Needs the API key unless asked from loopback.
 
@@ -39,8 +41,12 @@ log = logging.getLogger("exolaunch.frontdoor")
 
 STATUS_PATH = "/exolaunch/status"
 SERVED_BY = b"x-exolaunch-served-by"
-# What an OpenAI-compatible upstream (OpenRouter, vLLM, another exolaunch) can take as it is.
+# What an upstream of each dialect can take as it is: OpenAI-compatible (OpenRouter, vLLM, another
+# exolaunch), Anthropic-compatible (Anthropic, or Moonshot's and DeepSeek's /anthropic endpoints),
+# Ollama.
 FALLBACK_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/models")
+ANTHROPIC_PATHS = ("/v1/messages", "/v1/messages/count_tokens")
+OLLAMA_PATHS = ("/api/chat", "/api/generate", "/api/tags", "/api/show")
 # Hop-by-hop headers (RFC 9110 7.6.1) and what the proxy sets itself.
 _HOP = {b"connection", b"keep-alive", b"proxy-authenticate", b"proxy-authorization", b"te",
         b"trailer", b"transfer-encoding", b"upgrade", b"host", b"content-length"}
@@ -122,16 +128,41 @@ class ClusterState:
 
 @dataclass
 class Fallback:
-    """--fallback URL (an OpenAI-compatible base URL such as https://openrouter.ai/api/v1),
-    its key (read from --fallback-key-env) and --fallback-model (NAME for every request, or
-    LOCAL=REMOTE pairs)."""
-    url: str
+    """The upstreams for while the cluster cannot serve, one per dialect: --fallback URL (an
+    OpenAI-compatible base URL such as https://openrouter.ai/api/v1), --fallback-anthropic URL
+    (an Anthropic base URL, as the SDK's ANTHROPIC_BASE_URL: /v1/messages is appended) and
+    --fallback-ollama URL (an Ollama server); their key (--fallback-key-env) and --fallback-model
+    (NAME for every request, or LOCAL=REMOTE pairs)."""
+    url: str | None = None
     key: str | None = None
     model: str | None = None
     models: dict[str, str] = field(default_factory=dict)
+    anthropic_url: str | None = None
+    ollama_url: str | None = None
+
+    def base(self, path: str) -> str | None:
+        """The upstream base URL that speaks `path`'s dialect, or None: no fallback for it."""
+        if path in FALLBACK_PATHS:
+            return self.url
+        if path in ANTHROPIC_PATHS:
+            return self.anthropic_url
+        if path in OLLAMA_PATHS:
+            return self.ollama_url
+        return None
 
     def target(self, path: str, query: bytes) -> str:
-        return self.url.rstrip("/") + path[len("/v1"):] + (("?" + query.decode("latin-1")) if query else "")
+        base = self.base(path).rstrip("/")
+        rest = path[len("/v1"):] if path in FALLBACK_PATHS else path  # OpenAI base URLs end in /v1
+        return base + rest + (("?" + query.decode("latin-1")) if query else "")
+
+    def auth(self, path: str) -> list[tuple[bytes, bytes]]:
+        """The key as the dialect's clients send it (Anthropic's SDK: x-api-key)."""
+        if not self.key:
+            return []
+        key = self.key.encode("latin-1")
+        if path in ANTHROPIC_PATHS:
+            return [(b"x-api-key", key), (b"authorization", b"Bearer " + key)]
+        return [(b"authorization", b"Bearer " + key)]
 
     def map_body(self, body: bytes) -> bytes:
         if not (self.model or self.models) or not body:
@@ -307,7 +338,7 @@ class FrontDoor:
             return await self._json(send, 503, {"status": st.phase, "reason": st.reason, "restarts": st.restarts},
                                     [(b"retry-after", str(st.retry_after()).encode())])
         upstream = st.upstream
-        fallback_ok = self.fallback is not None and path in FALLBACK_PATHS and path not in ("/health", "/ready")
+        fallback_ok = self.fallback is not None and self.fallback.base(path) is not None
         if st.phase == "ready" and upstream:
             try:
                 return await self._forward(scope, receive, send, body, upstream, fallback_ok)
@@ -382,16 +413,16 @@ class FrontDoor:
 
         fb = self.fallback
         path = scope["path"]
+        base = fb.base(path)
         headers = [(k, v) for k, v in scope["headers"]
                    if k.lower() not in _HOP and k.lower() not in (b"authorization", b"x-api-key", b"cookie")]
-        if fb.key:
-            headers.append((b"authorization", b"Bearer " + fb.key.encode("latin-1")))
+        headers += fb.auth(path)
         req = self._upstream.build_request(scope["method"], fb.target(path, scope.get("query_string", b"")),
                                            headers=headers, content=fb.map_body(body))
         try:
             resp = await self._upstream.send(req, stream=True)
         except httpx.TransportError as e:
-            err = unavailable(f"{why}, and the fallback {fb.url} is unreachable too "
+            err = unavailable(f"{why}, and the fallback {base} is unreachable too "
                               f"({type(e).__name__}: {e or 'no answer'})", code="fallback_unavailable")
             return await self._unavailable(scope, receive, send, None, err)
         self.state.served["fallback"] += 1
@@ -400,7 +431,7 @@ class FrontDoor:
             await resp.aclose()
             message, typ, code = _upstream_error(raw, resp.status_code)
             keep = {k: v for k, v in resp.headers.items() if k.lower() in ("retry-after", "retry-after-ms")}
-            err = APIError(resp.status_code, f"fallback {fb.url}: {message}", typ, None, code, keep or None)
+            err = APIError(resp.status_code, f"fallback {base}: {message}", typ, None, code, keep or None)
             return await self._error_reply(scope, receive, send, err, served_by=b"fallback")
         await self._relay(resp.status_code, resp.headers.raw, resp.aiter_raw(), resp.aclose, receive, send,
                           b"fallback")

@@ -1,7 +1,7 @@
-"""`run --fallback URL`: while the cluster is down, loading or full, OpenAI requests go to a real
-second OpenAI-compatible server on loopback (another exolaunch API server with its own key),
-streamed through; every answer says who served it; upstream errors come back in the client's
-dialect; the upstream down too is a clear 503.
+"""`run --fallback URL` (and --fallback-anthropic, --fallback-ollama): while the cluster is down,
+loading or full, requests go to a real second server on loopback that speaks their dialect
+(another exolaunch API server with its own key), streamed through; every answer says who served
+it; upstream errors come back in the client's dialect; the upstream down too is a clear 503.
 """
 
 from __future__ import annotations
@@ -59,6 +59,44 @@ def test_down_cluster_streams_from_the_fallback(door):
     got = c.completions.with_raw_response.create(model="local-llama", prompt="a b", max_tokens=2)
     assert got.headers["x-exolaunch-served-by"] == "fallback" and got.parse().usage.completion_tokens == 2
     assert door.state.to_dict()["served"]["fallback"] >= 2
+
+
+@pytest.fixture(scope="module")
+def door_all(upstream):
+    """A door with a fallback for every dialect: the same upstream speaks all three."""
+    state = ClusterState(model="local-llama")
+    fb = Fallback(url=upstream.url + "/v1", key=UP_KEY, models={"local-llama": API_MODEL},
+                  anthropic_url=upstream.url, ollama_url=upstream.url)
+    d = FrontDoor(state, "127.0.0.1", 0, api_key="door-key", fallback=fb).start()
+    state.set("restarting", "rank 1 on h2 was killed by SIGKILL")
+    yield d
+    d.stop()
+
+
+def test_anthropic_and_ollama_requests_reach_their_fallbacks(door_all):
+    import ollama
+
+    a = anthropic.Anthropic(base_url=f"http://127.0.0.1:{door_all.port}", api_key="door-key", max_retries=0,
+                            timeout=60)
+    raw = a.messages.with_raw_response.create(model="local-llama", max_tokens=6,
+                                              messages=[{"role": "user", "content": "hi"}])
+    msg = raw.parse()
+    assert raw.headers["x-exolaunch-served-by"] == "fallback"
+    assert msg.model == API_MODEL and msg.usage.output_tokens >= 1  # the name was mapped; x-api-key accepted
+    with a.messages.stream(model="local-llama", max_tokens=6, messages=[{"role": "user", "content": "hi"}]) as st:
+        final = st.get_final_message()
+    assert final.usage.output_tokens >= 1
+    with pytest.raises(anthropic.BadRequestError) as e:  # the upstream's 400, in Anthropic's shape
+        a.messages.create(model="local-llama", max_tokens=4, extra_body={"temperature": 9},
+                          messages=[{"role": "user", "content": "hi"}])
+    body = e.value.response.json()
+    assert body["type"] == "error" and "fallback" in body["error"]["message"]
+    o = ollama.Client(host=f"http://127.0.0.1:{door_all.port}", timeout=60,
+                      headers={"authorization": "Bearer door-key"})
+    r = o.chat(model="local-llama", messages=[{"role": "user", "content": "hi"}], options={"num_predict": 4})
+    assert r.model.startswith(API_MODEL) and r.eval_count >= 1  # Ollama names carry a tag
+    assert [m.model for m in o.list().models]  # /api/tags from the upstream
+    assert door_all.state.to_dict()["served"]["fallback"] >= 5
 
 
 def test_fallback_errors_in_the_clients_dialect(door):
@@ -179,6 +217,9 @@ def test_run_serves_from_the_fallback_while_loading(upstream, model_cache):
     (["--fallback", "http://127.0.0.1:9/v1", "--fallback-key-env", "EXL_NOT_SET_ANYWHERE"],
      "--fallback-key-env EXL_NOT_SET_ANYWHERE: that environment variable is not set"),
     (["--fallback-model", "x"], "--fallback-model needs --fallback URL"),
+    (["--fallback-anthropic", "api.moonshot.ai/anthropic"],
+     "--fallback-anthropic 'api.moonshot.ai/anthropic': expected an http:// or https:// base URL"),
+    (["--fallback-ollama", "ftp://127.0.0.1:11434"], "--fallback-ollama 'ftp://127.0.0.1:11434': expected an http://"),
     (["--fallback", "http://127.0.0.1:9/v1", "--fallback-model", "a=b", "--fallback-model", "=c"],
      "--fallback-model '=c': expected NAME or LOCAL=REMOTE"),
     (["--restart", "-1"], "--restart -1: expected a whole number of at least 0"),
