@@ -34,6 +34,7 @@ ENV_MODELS = "EXOLAUNCH_MODELS"  # per host: ROOT/<name> is where `pull` puts a 
 ENV_SHARD_HEAD = "EXOLAUNCH_SHARD_HEAD"  # "0": keep lm_head whole on every rank
 ENV_SWITCH_INTERVAL = "EXOLAUNCH_SWITCH_INTERVAL"  # rank 0's GIL switch interval, seconds
 ENV_PLAN = "EXOLAUNCH_PLAN"  # JSON: the plan's hosts, ranks, links, memory (launcher.planner.summary)
+ENV_MPI_LIBNAME = "MLX_MPI_LIBNAME"  # mlx's: the libmpi its MPI backend loads (and runtime.group finalizes)
 
 # ---------------------------------------------------------------------------- backends, ports
 BACKENDS = ("ring", "jaccl", "jaccl-ring", "mpi")

@@ -8,7 +8,7 @@ from typing import NoReturn
 
 import mlx.core as mx
 
-from runtime.contract import ENV_BACKEND, ENV_WORLD_SIZE
+from runtime.contract import ENV_BACKEND, ENV_MPI_LIBNAME, ENV_WORLD_SIZE
 
 
 def init_group() -> mx.distributed.Group:
@@ -65,7 +65,7 @@ def _mpi_finalize() -> None:
     import ctypes
 
     try:
-        lib = ctypes.CDLL(os.environ.get("MLX_MPI_LIBNAME") or "libmpi.so", mode=ctypes.RTLD_GLOBAL)
+        lib = ctypes.CDLL(os.environ.get(ENV_MPI_LIBNAME) or "libmpi.so", mode=ctypes.RTLD_GLOBAL)
         started, ended = ctypes.c_int(0), ctypes.c_int(0)
         lib.MPI_Initialized(ctypes.byref(started))
         lib.MPI_Finalized(ctypes.byref(ended))

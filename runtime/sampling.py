@@ -71,6 +71,10 @@ def make_sampler(temperature: float, top_p: float, top_k: int, seed: int, min_p:
     return sample
 
 
+def _penalized(presence: float, frequency: float, repetition: float) -> bool:
+    return bool(presence or frequency or repetition != 1.0)
+
+
 def insert_fields(p: SamplingParams, prompt: list[int]) -> dict:
     """Insert's min_p, logit_bias and penalty fields for a request; the prompt's tokens the
     penalties count travel with it, since a follower restores a cached prefix without them."""
@@ -79,7 +83,7 @@ def insert_fields(p: SamplingParams, prompt: list[int]) -> dict:
         out["min_p"] = p.min_p
     if p.logit_bias:
         out["logit_bias"] = [[int(t), float(b)] for t, b in p.logit_bias.items()]
-    if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+    if _penalized(p.presence_penalty, p.frequency_penalty, p.repetition_penalty):
         out.update(presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
                    repetition_penalty=p.repetition_penalty, penalty_window=p.penalty_window)
         if p.penalty_window:
@@ -96,7 +100,7 @@ def processors(bias: list[list] | None, presence: float, frequency: float, repet
     out = []
     if bias:
         out.append(_Bias(bias))
-    if presence or frequency or repetition != 1.0:
+    if _penalized(presence, frequency, repetition):
         out.append(_Penalties(presence, frequency, repetition, prompt or [], window))
     return out
 

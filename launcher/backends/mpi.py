@@ -21,6 +21,7 @@ from pathlib import Path
 
 from launcher.agent import MPI_SPEC_ENV
 from launcher.errors import ConfigError
+from runtime.contract import ENV_MPI_LIBNAME
 
 
 # What an MPI singleton (a process that called MPI_Init without mpirun, e.g. mx.distributed
@@ -40,7 +41,7 @@ def configure(specs, hostfile, **_) -> None:
     libname = mpi_libname()
     for s in specs:
         if libname:
-            s.env.setdefault("MLX_MPI_LIBNAME", libname)
+            s.env.setdefault(ENV_MPI_LIBNAME, libname)
 
 
 def find_mpirun() -> str:

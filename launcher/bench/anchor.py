@@ -54,7 +54,7 @@ from pathlib import Path
 from launcher.backends.mpi import mpirun_env
 from launcher.errors import ConfigError, LaunchError
 from launcher.ports import free_port, free_port_run
-from runtime.contract import SHARDINGS
+from runtime.contract import ENV_MPI_LIBNAME, SHARDINGS
 
 RANK_MARKER = "mlx_lm.server"
 BACKENDS = ("mpi", "ring")
@@ -133,7 +133,7 @@ def _mpi_command(hf, server_args: list[str], env: dict[str, str], workdir: Path,
     rank_env = dict(env)
     libname = mpi.mpi_libname()
     if libname:
-        rank_env.setdefault("MLX_MPI_LIBNAME", libname)
+        rank_env.setdefault(ENV_MPI_LIBNAME, libname)
     for k, v in rank_env.items():
         argv += ["-x", f"{k}={v}"]
     # One app context per host, so every host runs its own interpreter (and cwd).
